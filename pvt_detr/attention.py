@@ -1,0 +1,51 @@
+"""Batch-first multi-head attention on `F.scaled_dot_product_attention`.
+
+Parameter names and layout equal `torch.nn.MultiheadAttention` (`in_proj_weight` (3C, C) = [Wq; Wk; Wv],
+`in_proj_bias`, `out_proj`), so facebookresearch/detr transformer weights load unchanged. When query and key
+are the same tensor (DETR's self-attention: q = k = x + pos) their projections run as one matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention, batch-first, with a key padding mask."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, N_q, C), key/value (B, N_k, C), key_padding_mask (B, N_k) True = ignore -> (B, N_q, C)."""
+        C = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:
+            q, k = F.linear(query, w[: 2 * C], b[: 2 * C]).split(C, dim=-1)  # (B, N_q, C) x 2
+        else:
+            q = F.linear(query, w[:C], b[:C])  # (B, N_q, C)
+            k = F.linear(key, w[C : 2 * C], b[C : 2 * C])  # (B, N_k, C)
+        v = F.linear(value, w[2 * C :], b[2 * C :])  # (B, N_k, C)
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_q, hd)
+        k = rearrange(k, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)
+        v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)
+        attn_mask = None
+        if key_padding_mask is not None:
+            attn_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, N_k), True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)  # (B, nh, N_q, hd)
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N_q, C)

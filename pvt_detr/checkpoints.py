@@ -1,0 +1,157 @@
+"""Loading official PVT ImageNet checkpoints and facebookresearch/detr checkpoints into our modules.
+
+Every file is read with `torch.load(weights_only=True)`: tensors and plain Python types only. Official
+conv weights (patch embedding, spatial reduction) are converted to our linear layout; keys are remapped
+(`block{s}.{j}` -> `blocks.{s-1}.{j}`, `patch_embed{s}` -> `patch_embed.{s-1}`, `pos_embed{s}` -> `pos_embed.{s-1}`).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pvt_detr.models.patch_linear import conv_weight_to_linear
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message is one line."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: keys loaded, checkpoint keys not used, model keys not filled, keys skipped and why."""
+
+    loaded: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.unused:
+            lines.append(f"unused checkpoint keys ({len(self.unused)}): {_summarise(self.unused)}")
+        if self.missing:
+            lines.append(f"model keys not in the checkpoint ({len(self.missing)}): {_summarise(self.missing)}")
+        lines += [f"skipped {k}: {why}" for k, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _summarise(keys: list[str], limit: int = 8) -> str:
+    prefixes = sorted({k.split(".")[0] if k.count(".") else k for k in keys})
+    text = ", ".join(prefixes[:limit])
+    return text + (", ..." if len(prefixes) > limit else "")
+
+
+def load_state_file(path: str | Path) -> dict:
+    """torch.load(weights_only=True) with one-line errors for missing, truncated or unsafe files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load, it holds more than tensors and plain types "
+                              f"(weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
+
+
+def _as_state_dict(path_or_state_dict, what: str) -> dict[str, torch.Tensor]:
+    sd = path_or_state_dict if isinstance(path_or_state_dict, dict) else load_state_file(path_or_state_dict)
+    for wrapper in ("model", "state_dict"):
+        if wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+            break
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{what}: expected a state dict of tensors")
+    return sd
+
+
+_OFFICIAL_PVT = [
+    (re.compile(r"^patch_embed(\d)\.(.*)$"), lambda m: f"patch_embed.{int(m[1]) - 1}.{m[2]}"),
+    (re.compile(r"^pos_embed(\d)$"), lambda m: f"pos_embed.{int(m[1]) - 1}"),
+    (re.compile(r"^block(\d)\.(.*)$"), lambda m: f"blocks.{int(m[1]) - 1}.{m[2]}"),
+]
+
+
+def pvt_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Official PVT v1 keys and layouts -> ours (timm's `checkpoint_filter_fn` idea). Our own keys pass through."""
+    out = {}
+    for key, value in state_dict.items():
+        new_key = key
+        for pattern, repl in _OFFICIAL_PVT:
+            m = pattern.match(key)
+            if m:
+                new_key = repl(m)
+                break
+        if value.dim() == 4 and (new_key.endswith("proj.weight") or new_key.endswith("attn.sr.weight")):
+            value = conv_weight_to_linear(value)  # stride-P conv (O, I, P, P) -> linear (O, P*P*I)
+        if new_key == "pos_embed.3" and hasattr(model, "pos_embed"):
+            expected = model.pos_embed[3].shape[1]
+            if value.shape[1] == expected + 1:  # official stage-4 embedding: entry 0 belongs to the cls token
+                out["cls_pos_embed"] = value[:, :1]
+                value = value[:, 1:]
+        out[new_key] = value
+    return out
+
+
+def _load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+                   skippable: tuple[str, ...] = ()) -> LoadReport:
+    """Copies tensors whose key and shape match; keys under `skippable` prefixes may differ in shape."""
+    own = model.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            report.unused.append(key)
+        elif own[key].shape != value.shape:
+            if key.startswith(skippable):
+                report.skipped[key] = f"shape {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} here"
+            else:
+                raise CheckpointError(f"{what}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                                      f"{tuple(own[key].shape)} in this model (a different architecture?)")
+        else:
+            to_load[key] = value
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    report.missing = sorted(k for k in own if k not in to_load and k not in report.skipped)
+    return report
+
+
+def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
+    """Loads an official PVT v1 ImageNet checkpoint (or one of ours) into a PVT backbone.
+
+    Every backbone tensor must be filled; for an official file the unused keys are `cls_token`, `norm.*`, `head.*`
+    (classification parts a detection backbone does not have).
+    """
+    what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "PVT state dict"
+    sd = pvt_checkpoint_filter(_as_state_dict(path_or_state_dict, what), backbone)
+    sd = {k: v for k, v in sd.items() if k != "cls_pos_embed" or hasattr(backbone, "cls_pos_embed")}
+    report = _load_matching(backbone, sd, what)
+    if report.missing:
+        raise CheckpointError(f"{what}: {len(report.missing)} backbone tensors missing from the checkpoint, e.g. "
+                              f"{', '.join(report.missing[:3])} (not a PVT v1 checkpoint of this size?)")
+    return report
+
+
+def load_detr_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
+    """Loads a facebookresearch/detr checkpoint (`{'model': ...}`) or one of ours into a DETR model.
+
+    The transformer, queries and heads load; `input_proj` and `class_embed` are skipped with a message when their
+    shapes differ (other channel or class counts); keys the model does not have (DETR's ResNet `backbone.*`)
+    are reported as unused. Any other shape mismatch is an error.
+    """
+    what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "DETR state dict"
+    sd = dict(_as_state_dict(path_or_state_dict, what))
+    for name in ("weight", "bias"):  # DETR's single 1x1-conv input projection -> our first Linear projection
+        value = sd.pop(f"input_proj.{name}", None)
+        if value is not None:
+            sd[f"input_proj.0.{name}"] = value.flatten(1) if value.dim() == 4 else value
+    return _load_matching(model, sd, what, skippable=("input_proj.", "class_embed."))

@@ -1,0 +1,247 @@
+"""Pyramid Vision Transformer v1 (Wang et al., ICCV 2021), convolution-free.
+
+Re-implemented from the paper and the official `pvt.py` (whai362/PVT, v1): four stages of patch embedding
++ transformer blocks with spatial-reduction attention, strides 4/8/16/32. Patch embedding and spatial
+reduction are linear maps over non-overlapping patches (`PatchLinear`), the same function as the official
+stride-P convolutions. Positional embeddings are stored for 224 x 224 and interpolated per stage, each stage
+compared with its own grid (the official helper compares every stage with stage 1's 3136 tokens).
+
+As a detection backbone (`num_classes=0`) it returns raw stage maps like timm's `features_only`; with a padding
+mask (NestedTensor path) padded keys are never attended and positional embeddings are fitted to each image's
+own extent, so an image's features do not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from pvt_detr.models.patch_linear import PatchLinear
+from pvt_detr.models.sra import SpatialReductionAttention
+from pvt_detr.nested_tensor import NestedTensor
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear, with dropout."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C)."""
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + drop_path(SRA(norm1(x))), then x + drop_path(MLP(norm2(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                              proj_drop=drop)
+        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), hw, kv_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping P x P patches -> linear -> LayerNorm (official: Conv2d(k=P, s=P) + LayerNorm)."""
+
+    def __init__(self, in_dim: int, out_dim: int, patch_size: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.proj = PatchLinear(in_dim, out_dim, patch_size)
+        self.norm = nn.LayerNorm(out_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C_in) -> (B, H // P, W // P, C_out)."""
+        return self.norm(self.proj(x))
+
+
+class PyramidVisionTransformer(nn.Module):
+    """PVT v1. `num_classes=0` gives the detection backbone (stage maps); `num_classes>0` the ImageNet classifier."""
+
+    def __init__(self, *, embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
+                 mlp_ratios: Sequence[float] = (8, 8, 4, 4), depths: Sequence[int] = (3, 4, 6, 3),
+                 sr_ratios: Sequence[int] = (8, 4, 2, 1), patch_sizes: Sequence[int] = (4, 2, 2, 2),
+                 in_chans: int = 3, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, pretrain_img_size: int = 224, num_classes: int = 0,
+                 out_indices: Sequence[int] = (0, 1, 2, 3)):
+        super().__init__()
+        if not all(len(v) == 4 for v in (embed_dims, num_heads, mlp_ratios, depths, sr_ratios, patch_sizes)):
+            raise ValueError("PVT takes exactly four values per stage for dims, heads, mlp ratios, depths, sr, patch")
+        if not out_indices or any(i not in range(4) for i in out_indices):
+            raise ValueError(f"out_indices must be a non-empty subset of 0..3, got {tuple(out_indices)}")
+        self.num_classes = num_classes
+        self.depths = tuple(depths)
+        self.patch_sizes = tuple(patch_sizes)
+        self.out_indices = tuple(sorted(out_indices))
+        self.embed_dims = tuple(embed_dims)
+        self.strides = [math.prod(patch_sizes[: i + 1]) for i in range(4)]
+        self.pretrain_grids = [pretrain_img_size // s for s in self.strides]
+
+        dims_in = (in_chans, *embed_dims[:3])
+        # Official: the patch-embedding LayerNorm uses the torch default eps (1e-5); blocks use 1e-6.
+        self.patch_embed = nn.ModuleList(PatchEmbed(dims_in[i], embed_dims[i], patch_sizes[i]) for i in range(4))
+        self.pos_embed = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, g * g, d)) for g, d in zip(self.pretrain_grids, embed_dims))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        starts = [sum(depths[:i]) for i in range(4)]
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(
+                Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias=qkv_bias, drop=drop_rate,
+                      attn_drop=attn_drop_rate, drop_path=rates[starts[i] + j])
+                for j in range(depths[i]))
+            for i in range(4))
+        if num_classes > 0:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
+            self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
+            self.norm = nn.LayerNorm(embed_dims[3], eps=1e-6)
+            self.head = nn.Linear(embed_dims[3], num_classes)
+        self._init_weights()
+
+    @property
+    def num_channels(self) -> list[int]:
+        """Channels of each returned stage map."""
+        return [self.embed_dims[i] for i in self.out_indices]
+
+    @property
+    def feature_strides(self) -> list[int]:
+        """Stride (reduction) of each returned stage map."""
+        return [self.strides[i] for i in self.out_indices]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm-style description of the returned maps."""
+        return [{"num_chs": self.embed_dims[i], "reduction": self.strides[i], "module": f"blocks.{i}"}
+                for i in self.out_indices]
+
+    def _init_weights(self) -> None:
+        for p in self.pos_embed:
+            nn.init.trunc_normal_(p, std=0.02)
+        if self.num_classes > 0:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.cls_pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _pos_embed(self, stage: int, hw: tuple[int, int]) -> torch.Tensor:
+        """Stage positional embedding resized to an h x w grid: (1, h, w, C)."""
+        g = self.pretrain_grids[stage]
+        pos = self.pos_embed[stage].view(1, g, g, -1)  # (1, g, g, C)
+        if tuple(hw) == (g, g):
+            return pos
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=tuple(hw), mode="bilinear", align_corners=False)
+        return pos.permute(0, 2, 3, 1)  # (1, h, w, C)
+
+    def _add_pos_embed(self, stage: int, x: torch.Tensor, valid_hw: torch.Tensor | None) -> torch.Tensor:
+        """Adds the positional embedding to grid x (B, H, W, C), fitted to each image's valid extent."""
+        H, W = x.shape[1:3]
+        if valid_hw is None or bool((valid_hw == torch.tensor([H, W])).all()):
+            return x + self._pos_embed(stage, (H, W))
+        pos = x.new_zeros(x.shape)  # (B, H, W, C); padding tokens get no positional embedding
+        for hw in torch.unique(valid_hw, dim=0).tolist():
+            rows = (valid_hw == torch.tensor(hw)).all(dim=1)  # (B,)
+            pos[rows, : hw[0], : hw[1]] = self._pos_embed(stage, hw).to(x.dtype)
+        return x + pos
+
+    def _stages(self, x: torch.Tensor, valid_hw: torch.Tensor | None = None):
+        """Runs the four stages; yields (stage index, grid (B, H, W, C), valid (B, 2) [h, w] token counts or None).
+
+        x: (B, C_in, H, W) images; valid_hw: (B, 2) unpadded pixel sizes, or None when nothing is padded.
+        """
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C_in), a view
+        for i in range(4):
+            if self.num_classes == 0 and i > max(self.out_indices):
+                return
+            p = self.patch_sizes[i]
+            x = self.patch_embed[i](x)  # (B, H_i, W_i, C_i)
+            B, H, W, C = x.shape
+            if valid_hw is not None:
+                valid_hw = torch.minimum(torch.div(valid_hw + p - 1, p, rounding_mode="floor"), torch.tensor([H, W]))
+            x = self.pos_drop(self._add_pos_embed(i, x, valid_hw))
+            tokens = x.reshape(B, H * W, C)  # (B, N, C)
+            if i == 3 and self.num_classes > 0:
+                cls = (self.cls_token + self.cls_pos_embed).expand(B, -1, -1)  # (B, 1, C)
+                tokens = torch.cat([cls, tokens], dim=1)  # (B, 1 + N, C)
+            kv_mask = self._kv_mask(i, (H, W), valid_hw)
+            for blk in self.blocks[i]:
+                tokens = blk(tokens, (H, W), kv_mask)
+            if i == 3 and self.num_classes > 0:
+                yield i, tokens, valid_hw
+                return
+            x = tokens.view(B, H, W, C)  # (B, H_i, W_i, C_i)
+            yield i, x, valid_hw
+
+    def _kv_mask(self, stage: int, hw: tuple[int, int], valid_hw: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, N_kv) bool, True where a reduced key cell holds at least one real pixel; None when all do."""
+        if valid_hw is None:
+            return None
+        r = self.blocks[stage][0].attn.sr_ratio
+        h, w = hw[0] // r, hw[1] // r
+        valid = torch.div(valid_hw + r - 1, r, rounding_mode="floor")  # (B, 2)
+        if bool((valid >= torch.tensor([h, w])).all()):
+            return None
+        rows = torch.arange(h)[None, :, None] < valid[:, 0, None, None]  # (B, h, 1)
+        cols = torch.arange(w)[None, None, :] < valid[:, 1, None, None]  # (B, 1, w)
+        return (rows & cols).flatten(1).to(self.pos_embed[0].device)  # (B, h * w)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, 3, H, W) -> raw stage maps [(B, C_i, H / s_i, W / s_i) for i in out_indices], s = 4, 8, 16, 32."""
+        if self.num_classes > 0:
+            raise RuntimeError("forward_features is for the detection backbone (num_classes=0)")
+        return [grid.permute(0, 3, 1, 2) for i, grid, _ in self._stages(x) if i in self.out_indices]
+
+    def forward_nested(self, samples: NestedTensor) -> list[NestedTensor]:
+        """Padded batch -> per selected stage a NestedTensor of (B, C_i, H_i, W_i) maps and (B, H_i, W_i) masks.
+
+        Masks are True on tokens that hold no real pixel.
+        """
+        images, mask = samples.decompose()
+        valid_hw = None
+        if mask is not None and bool(mask.any()):
+            valid_hw = torch.tensor(samples.image_sizes, dtype=torch.long)  # (B, 2)
+        out = []
+        for i, grid, vhw in self._stages(images, valid_hw):
+            if i not in self.out_indices:
+                continue
+            B, H, W, _ = grid.shape
+            if vhw is None:
+                stage_mask = torch.zeros(B, H, W, dtype=torch.bool, device=grid.device)
+            else:
+                rows = torch.arange(H)[None, :, None] >= vhw[:, 0, None, None]  # (B, H, 1)
+                cols = torch.arange(W)[None, None, :] >= vhw[:, 1, None, None]  # (B, 1, W)
+                stage_mask = (rows | cols).to(grid.device)  # (B, H, W)
+            out.append(NestedTensor(grid.permute(0, 3, 1, 2), stage_mask))  # (B, C_i, H_i, W_i)
+        return out
+
+    def forward(self, x: torch.Tensor | NestedTensor):
+        """Classifier: (B, 3, H, W) -> (B, num_classes) logits. Backbone: see forward_features / forward_nested."""
+        if isinstance(x, NestedTensor):
+            return self.forward_nested(x)
+        if self.num_classes == 0:
+            return self.forward_features(x)
+        *_, (_, tokens, _) = self._stages(x)
+        return self.head(self.norm(tokens)[:, 0])  # (B, num_classes)

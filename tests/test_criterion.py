@@ -1,0 +1,67 @@
+"""SetCriterion against hand-computed values; PostProcess scaling."""
+
+import math
+
+import pytest
+import torch
+
+from pvt_detr.criterion import SetCriterion
+from pvt_detr.matcher import HungarianMatcher
+from pvt_detr.postprocess import PostProcess
+
+
+def _two_image_example():
+    # K = 2 classes (+ no-object), Q = 2 queries. Image 0 has one target, image 1 has none.
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]],
+                           [[0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]],
+                          [[0.5, 0.5, 0.5, 0.5], [0.3, 0.3, 0.2, 0.2]]])
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    return {"pred_logits": logits, "pred_boxes": boxes}, targets
+
+
+def test_losses_equal_hand_computed_values():
+    outputs, targets = _two_image_example()
+    criterion = SetCriterion(2, HungarianMatcher(), {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, eos_coef=0.1)
+    losses = criterion(outputs, targets)
+    # Query 0 of image 0 matches the target (class 0); all three others are no-object (index 2, weight 0.1).
+    lse = lambda v: math.log(sum(math.exp(x) for x in v))  # noqa: E731
+    nll = [lse([2, 0, 0]) - 2, lse([0, 0, 1]) - 1, lse([0, 1, 0]) - 0, lse([0, 0, 3]) - 3]
+    weights = [1.0, 0.1, 0.1, 0.1]
+    expected_ce = sum(w * n for w, n in zip(weights, nll)) / sum(weights)
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce, rel=1e-6)
+    # L1 between (0.5, 0.5, 0.2, 0.2) and (0.5, 0.5, 0.4, 0.2); one box.
+    assert losses["loss_bbox"].item() == pytest.approx(0.2, rel=1e-6)
+    # Boxes x 0.4..0.6 vs 0.3..0.7 (same y range 0.4..0.6): IoU = 0.04 / 0.08 = 0.5, hull = union -> GIoU 0.5.
+    assert losses["loss_giou"].item() == pytest.approx(0.5, rel=1e-5)
+    assert losses["class_error"].item() == pytest.approx(0.0)
+    # Predicted objects: image 0 -> 1 (query 0), image 1 -> 1 (query 0 argmax class 1); targets 1 and 0.
+    assert losses["cardinality_error"].item() == pytest.approx(0.5)
+
+
+def test_num_boxes_normalises_box_losses():
+    outputs, targets = _two_image_example()
+    criterion = SetCriterion(2, HungarianMatcher(), {}, eos_coef=0.1)
+    l1 = criterion(outputs, targets, num_boxes=1.0)
+    l4 = criterion(outputs, targets, num_boxes=4.0)
+    assert l4["loss_bbox"].item() == pytest.approx(l1["loss_bbox"].item() / 4)
+    assert l4["loss_ce"].item() == pytest.approx(l1["loss_ce"].item())
+
+
+def test_label_out_of_range_is_a_clear_error():
+    outputs, targets = _two_image_example()
+    targets[0]["labels"] = torch.tensor([5])
+    with pytest.raises(ValueError, match="num_classes"):
+        SetCriterion(2, HungarianMatcher(), {})(outputs, targets)
+
+
+def test_postprocess_scales_to_absolute_xyxy():
+    logits = torch.tensor([[[0.0, 4.0, 0.0], [5.0, 0.0, 9.0]]])
+    boxes = torch.tensor([[[0.5, 0.25, 0.2, 0.5], [0.5, 0.5, 1.0, 1.0]]])
+    (res,) = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[200, 400]]))
+    torch.testing.assert_close(res["boxes"][0], torch.tensor([160.0, 0.0, 240.0, 100.0]))
+    torch.testing.assert_close(res["boxes"][1], torch.tensor([0.0, 0.0, 400.0, 200.0]))
+    assert res["labels"].tolist() == [1, 0]
+    p = torch.tensor([0.0, 4.0, 0.0]).softmax(0)[1].item()
+    assert res["scores"][0].item() == pytest.approx(p)

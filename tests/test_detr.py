@@ -1,0 +1,180 @@
+"""DETR model: attention equals torch's, inputs, batch invariance, gradients, no convolutions, DETR checkpoints."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import main
+from pvt_detr import build_model, list_backbones, load_detr_checkpoint
+from pvt_detr.attention import MultiheadAttention
+from pvt_detr.checkpoints import CheckpointError
+from pvt_detr.models.registry import build_backbone
+from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
+
+SMALL = ["--backbone", "pvt_nano", "--hidden_dim", "64", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",
+         "--dim_feedforward", "128", "--num_queries", "10", "--num_classes", "5"]
+
+
+def small_model(*extra):
+    return build_model(main.get_args_parser().parse_args(SMALL + list(extra)))
+
+
+def test_attention_equals_torch_multihead_attention():
+    ours = MultiheadAttention(32, 4).eval()
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    ref.load_state_dict(ours.state_dict())
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    expected, _ = ref(q, k, v, key_padding_mask=pad)
+    torch.testing.assert_close(ours(q, k, v, pad), expected, rtol=1e-5, atol=1e-5)
+    expected_self, _ = ref(q, q, q)
+    torch.testing.assert_close(ours(q, q, q), expected_self, rtol=1e-5, atol=1e-5)
+
+
+def test_default_model_builds_without_data():
+    model, criterion, post = build_model(main.get_args_parser().parse_args(["--backbone", "pvt_small"]))
+    assert criterion.num_classes == 91 and criterion.eos_coef == 0.1
+    assert model.class_embed.out_features == 92 and model.query_embed.num_embeddings == 100
+    assert len(model.transformer.encoder.layers) == 6 and len(model.transformer.decoder.layers) == 6
+    assert model.backbone.out_indices == (3,) and model.input_proj[0].in_features == 512
+    assert criterion.weight_dict["loss_bbox"] == 5 and criterion.weight_dict["loss_giou_4"] == 2
+    assert "bbox" in post
+
+
+def test_input_kinds_give_the_same_outputs():
+    model, _, _ = small_model()
+    model.eval()
+    images = [torch.randn(3, 64, 96), torch.randn(3, 64, 96)]
+    with torch.no_grad():
+        a = model(images)
+        b = model(torch.stack(images))
+        c = model(nested_tensor_from_tensor_list(images))
+    assert a["pred_logits"].shape == (2, 10, 6) and a["pred_boxes"].shape == (2, 10, 4)
+    assert len(a["aux_outputs"]) == 1
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
+    torch.testing.assert_close(a["pred_logits"], c["pred_logits"])
+    assert ((a["pred_boxes"] >= 0) & (a["pred_boxes"] <= 1)).all()
+
+
+def test_predictions_do_not_depend_on_batch_padding():
+    model, _, _ = small_model()
+    model.eval()
+    small, big = torch.randn(3, 70, 50), torch.randn(3, 150, 190)
+    with torch.no_grad():
+        alone = model([small])
+        batched = model([small, big])
+    torch.testing.assert_close(batched["pred_logits"][0], alone["pred_logits"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched["pred_boxes"][0], alone["pred_boxes"][0], rtol=1e-4, atol=1e-4)
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    model, criterion, _ = small_model("--backbone_stages", "3,4")
+    model.train()
+    images = [torch.randn(3, 96, 64), torch.randn(3, 64, 80)]
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.4], [0.6, 0.5, 0.3, 0.3]])},
+               {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    losses = criterion(model(images), targets)
+    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_0"} <= set(losses)
+    total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+    total.backward()
+    no_grad = {n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)}
+    # As in DETR: the first decoder layer's content queries are zero, so its self-attention sees zeros (its
+    # weights get no gradient; norm1 normalises the still-zero out_proj bias). Everything else must learn.
+    first = "transformer.decoder.layers.0."
+    assert no_grad <= {first + "self_attn.in_proj_weight", first + "self_attn.out_proj.weight", first + "norm1.weight"}
+    assert model.transformer.decoder.layers[0].self_attn.out_proj.bias.grad.abs().sum() > 0
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_no_convolution_modules_or_ops(name):
+    backbone = build_backbone(name)
+    assert not [m for m in backbone.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    with torch.no_grad(), _OpRecorder() as rec:
+        backbone.forward_features(torch.randn(1, 3, 64, 64))
+    assert rec.ops and not [op for op in rec.ops if "conv" in op.lower()], rec.ops
+
+
+def test_full_detr_has_no_convolution_and_runs_forward_backward_without_conv_ops():
+    model, criterion, _ = small_model()
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with _OpRecorder() as rec:
+        losses = criterion(model([torch.randn(3, 64, 64)]), targets)
+        sum(losses[k] for k in ("loss_ce", "loss_bbox", "loss_giou")).backward()
+    assert "mm" in rec.ops or "addmm" in rec.ops
+    assert not [op for op in rec.ops if "conv" in op.lower()], rec.ops
+
+
+def _detr_format(state_dict):
+    """Our state dict rewritten as a facebookresearch/detr checkpoint with a ResNet-50 backbone and 91 classes."""
+    sd = {k: v.clone() for k, v in state_dict.items() if not k.startswith(("backbone.", "input_proj."))}
+    sd["input_proj.weight"] = torch.randn(64, 2048, 1, 1)
+    sd["input_proj.bias"] = torch.randn(64)
+    sd["class_embed.weight"] = torch.randn(92, 64)
+    sd["class_embed.bias"] = torch.randn(92)
+    sd["backbone.0.body.conv1.weight"] = torch.randn(64, 3, 7, 7)
+    sd["backbone.0.body.layer1.0.bn1.running_mean"] = torch.randn(64)
+    return {"model": sd, "args": {"lr": 1e-4}}
+
+
+def test_load_detr_checkpoint_round_trip(tmp_path):
+    source, _, _ = small_model()
+    path = tmp_path / "detr-r50.pth"
+    torch.save(_detr_format(source.state_dict()), path)
+    target, _, _ = small_model()
+    report = load_detr_checkpoint(target, path)
+    assert set(report.skipped) == {"input_proj.0.weight", "class_embed.weight", "class_embed.bias"}
+    assert sorted(report.unused) == ["backbone.0.body.conv1.weight", "backbone.0.body.layer1.0.bn1.running_mean"]
+    for key in ("transformer.decoder.layers.1.multihead_attn.in_proj_weight", "query_embed.weight",
+                "bbox_embed.layers.2.weight", "transformer.encoder.layers.0.linear1.bias"):
+        torch.testing.assert_close(target.state_dict()[key], source.state_dict()[key])
+    assert any(k.startswith("backbone.") for k in report.missing)
+    # input_proj bias has a matching shape (64) and loads even though the weight is skipped.
+    assert "input_proj.0.bias" in report.loaded
+
+    # A same-architecture checkpoint of ours loads completely.
+    torch.save({"model": source.state_dict()}, tmp_path / "ours.pth")
+    again, _, _ = small_model()
+    report = load_detr_checkpoint(again, tmp_path / "ours.pth")
+    assert not report.missing and not report.unused and not report.skipped
+
+
+def test_load_detr_checkpoint_architecture_mismatch_is_one_line(tmp_path):
+    source, _, _ = small_model("--hidden_dim", "32")
+    path = tmp_path / "other.pth"
+    torch.save({"model": source.state_dict()}, path)
+    target, _, _ = small_model()
+    with pytest.raises(CheckpointError) as err:
+        load_detr_checkpoint(target, path)
+    assert "\n" not in str(err.value) and "different architecture" in str(err.value)
+
+
+def test_pickled_object_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "obj": _Unsafe()}, path)
+    model, _, _ = small_model()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_detr_checkpoint(model, path)
+
+
+class _Unsafe:
+    pass
+
+
+def test_invalid_config_values_are_clear_errors():
+    with pytest.raises(ValueError, match="backbone_stages"):
+        small_model("--backbone_stages", "5")
+    with pytest.raises(ValueError, match="nheads"):
+        small_model("--nheads", "3")

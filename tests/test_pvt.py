@@ -1,0 +1,135 @@
+"""PVT backbone: registry, paper parameter counts, equality with an official-formula reference, masks."""
+
+import pytest
+import torch
+
+from pvt_detr import build_backbone, list_backbones, load_pvt_checkpoint, register_backbone
+from pvt_detr.checkpoints import CheckpointError
+from pvt_detr.models.patch_linear import PatchLinear, conv_weight_to_linear, linear_weight_to_conv
+from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
+from tests.pvt_reference import RefPVT
+
+PAPER_PARAMS_M = {"pvt_tiny": 13.2, "pvt_small": 24.5, "pvt_medium": 44.2, "pvt_large": 61.4}
+PAPER_DEPTHS = {"pvt_tiny": (2, 2, 2, 2), "pvt_small": (3, 4, 6, 3), "pvt_medium": (3, 4, 18, 3),
+                "pvt_large": (3, 8, 27, 3)}
+
+
+def test_registry_lists_paper_variants_and_rejects_duplicates():
+    assert set(PAPER_PARAMS_M) <= set(list_backbones())
+    before = list_backbones()
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_backbone
+        def pvt_small(**kwargs):
+            return None
+
+    assert list_backbones() == before
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("resnet50")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_parameter_count_matches_paper(name):
+    model = build_backbone(name, num_classes=1000)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.005, n
+    assert model.depths == PAPER_DEPTHS[name]
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_contract_channels_strides_any_size(name):
+    model = build_backbone(name).eval()
+    assert model.num_channels == list(model.embed_dims)
+    assert model.feature_strides == [4, 8, 16, 32]
+    x = torch.randn(1, 3, 70, 101)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    assert [f.shape[1] for f in feats] == model.num_channels
+    assert [tuple(f.shape[2:]) for f in feats] == [(17, 25), (8, 12), (4, 6), (2, 3)]
+    assert all(torch.isfinite(f).all() for f in feats)
+
+
+def test_patch_linear_equals_strided_conv():
+    conv = torch.nn.Conv2d(5, 7, kernel_size=3, stride=3)
+    lin = PatchLinear(5, 7, 3)
+    with torch.no_grad():
+        lin.weight.copy_(conv_weight_to_linear(conv.weight))
+        lin.bias.copy_(conv.bias)
+    x = torch.randn(2, 5, 10, 13)
+    expected = conv(x).permute(0, 2, 3, 1)
+    torch.testing.assert_close(lin(x.permute(0, 2, 3, 1)), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear_weight_to_conv(lin.weight, 5, 3), conv.weight)
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (448, 448), (333, 517)])
+def test_matches_official_formula_reference(hw):
+    torch.manual_seed(1)
+    ref = RefPVT(depths=(2, 2, 2, 2)).eval()
+    ours = build_backbone("pvt_tiny", drop_path_rate=0.0).eval()
+    report = load_pvt_checkpoint(ours, ref.state_dict())
+    assert sorted(report.unused) == ["cls_token", "head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert not report.missing
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        expected = ref(x)
+        got = ours.forward_features(x)
+    for e, g in zip(expected, got):
+        assert e.shape == g.shape
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_checkpoint_file_round_trip_and_errors(tmp_path):
+    ref = RefPVT(depths=(2, 2, 2, 2))
+    path = tmp_path / "pvt_tiny.pth"
+    torch.save(ref.state_dict(), path)
+    ours = build_backbone("pvt_tiny")
+    load_pvt_checkpoint(ours, path)
+    torch.testing.assert_close(ours.blocks[0][1].attn.sr.weight, conv_weight_to_linear(ref.block1[1].attn.sr.weight))
+    torch.testing.assert_close(ours.pos_embed[3], ref.pos_embed4[:, 1:])
+    with pytest.raises(CheckpointError, match="missing"):
+        load_pvt_checkpoint(build_backbone("pvt_small"), path)  # pvt_tiny has fewer blocks
+    bad = dict(ref.state_dict())
+    bad["block1.0.attn.q.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"block1|blocks\.0\.0\.attn\.q\.weight.*shape"):
+        load_pvt_checkpoint(build_backbone("pvt_tiny"), bad)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_pvt_checkpoint(ours, tmp_path / "missing.pth")
+
+
+def test_classifier_loads_everything_and_runs():
+    ref = RefPVT(depths=(2, 2, 2, 2))
+    clf = build_backbone("pvt_tiny", num_classes=1000).eval()
+    report = load_pvt_checkpoint(clf, ref.state_dict())
+    assert not report.unused and not report.missing
+    with torch.no_grad():
+        logits = clf(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+
+
+def test_padding_does_not_change_an_images_features():
+    """Features of an image are the same alone or batched with a larger one (padded keys are masked)."""
+    model = build_backbone("pvt_nano", drop_path_rate=0.0).eval()
+    small, big = torch.randn(3, 100, 90), torch.randn(3, 160, 200)
+    with torch.no_grad():
+        alone = model.forward_nested(nested_tensor_from_tensor_list([small]))
+        batched = model.forward_nested(nested_tensor_from_tensor_list([small, big]))
+    for a, b in zip(alone, batched):
+        fa, ma = a.decompose()
+        fb, mb = b.decompose()
+        h, w = fa.shape[2:]
+        valid = ~ma[0]
+        torch.testing.assert_close(fb[0, :, :h, :w][:, valid], fa[0][:, valid], rtol=1e-4, atol=1e-4)
+        assert torch.equal(mb[0, :h, :w], ma[0]) and mb[0, h:].all() and mb[0, :, w:].all()
+    # The mask marks exactly the tokens without real pixels: stage 1 (stride 4) of a 100 x 90 image.
+    assert (~alone[0].mask[0]).sum(0).max() == 25 and (~alone[0].mask[0]).sum(1).max() == 23
+
+
+def test_unpadded_nested_path_equals_plain_path():
+    model = build_backbone("pvt_nano").eval()
+    x = torch.randn(2, 3, 128, 96)
+    with torch.no_grad():
+        plain = model.forward_features(x)
+        nested = model.forward_nested(nested_tensor_from_tensor_list(list(x)))
+    for p, n in zip(plain, nested):
+        torch.testing.assert_close(n.tensors, p)
+        assert not n.mask.any()
