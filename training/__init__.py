@@ -1,0 +1,1 @@
+"""Training and evaluation around the pvt_detr model library: engine, optimiser, checkpoints, logs, launch."""

@@ -1,0 +1,114 @@
+"""Flag parsing with named experiment files: `--config configs/NAME.yaml` sets defaults, CLI flags win.
+
+The resolved configuration is what every run writes to `output_dir/config.yaml` and stores in its checkpoints
+(as a plain dict, so checkpoints load with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict:
+    """Reads a YAML experiment file with `yaml.safe_load`; unknown keys are errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        parser.error(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {', '.join(unknown)}")
+    # Values go through each flag's own type (e.g. "640,672" or a YAML list for --train_sizes).
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in values.items():
+        action = actions[key]
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value) if isinstance(value, str) else action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                parser.error(f"--config {path}: {key}: {e}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {path}: {key}={value!r} is not one of {', '.join(map(str, action.choices))}")
+        values[key] = value
+    return values
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses argv (default sys.argv[1:]) on top of the defaults of `--config` if given, then checks values."""
+    argv = sys.argv[1:] if argv is None else argv
+    first, _ = parser.parse_known_args(argv)
+    if getattr(first, "config", None):
+        parser.set_defaults(**load_config_file(first.config, parser))
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Value checks argparse cannot express; each failure is a one-line argparse error."""
+    positive = ["batch_size", "epochs", "max_size", "test_size", "hidden_dim", "nheads", "num_queries",
+                "dim_feedforward", "dec_layers"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "eos_coef", "warmup_iters", "num_workers",
+                 "enc_layers", "start_epoch", "max_nonfinite_steps", "plot_predictions"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.dropout < 1 or not 0 <= args.drop_path < 1:
+        parser.error("--dropout and --drop_path must be in [0, 1)")
+    if not 0 <= args.max_bad_images < 1:
+        parser.error(f"--max_bad_images must be a fraction in [0, 1), got {args.max_bad_images}")
+    if any(s <= 0 for s in args.train_sizes):
+        parser.error(f"--train_sizes must be positive, got {args.train_sizes}")
+    if any(s not in (1, 2, 3, 4) for s in args.backbone_stages):
+        parser.error(f"--backbone_stages must be stage numbers 1-4, got {args.backbone_stages}")
+    if args.hidden_dim % args.nheads or args.hidden_dim % 2:
+        parser.error(f"--hidden_dim {args.hidden_dim} must be even and divisible by --nheads {args.nheads}")
+    if args.num_classes is not None and args.num_classes < 1:
+        parser.error(f"--num_classes must be >= 1, got {args.num_classes}")
+    if args.dataset_file == "coco" and not args.coco_path:
+        parser.error("--coco_path is required with --dataset_file coco (or use --dataset_file demo)")
+    if args.coco_path and args.dataset_file == "coco" and not Path(args.coco_path).is_dir():
+        parser.error(f"--coco_path {args.coco_path}: no such folder")
+    for name in ("pretrained_backbone", "finetune"):
+        value = getattr(args, name)
+        if value and not Path(value).is_file():
+            parser.error(f"--{name} {value}: no such file")
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        parser.error(f"--resume {args.resume}: no such file (use --resume auto to resume only if one exists)")
+    if args.eval and not (args.resume or args.finetune):
+        print("warning: --eval without --resume/--finetune evaluates an untrained model", file=sys.stderr)
+
+
+def config_dict(args: argparse.Namespace) -> dict:
+    """The resolved configuration as plain Python types (for config.yaml and checkpoints)."""
+    plain = {}
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, (bool, int, float, str, list)):
+            plain[key] = value
+    return plain
+
+
+def save_config(args: argparse.Namespace, path: str | Path) -> None:
+    """Writes the resolved configuration as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_dict(args), sort_keys=True))
+    tmp.replace(path)

@@ -1,0 +1,31 @@
+"""AdamW with a separate backbone learning rate, and the step-decay schedule with optional linear warm-up."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
+    """AdamW(lr, weight_decay) over the transformer and heads; the backbone at lr_backbone (DETR's groups)."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    groups = [{"params": rest, "lr": args.lr}]
+    if args.lr_backbone > 0:
+        groups.append({"params": backbone, "lr": args.lr_backbone})
+    else:
+        for p in backbone:  # lr_backbone 0 freezes the backbone, as in DETR
+            p.requires_grad_(False)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, args, iters_per_epoch: int):
+    """Stepped once per iteration: LR x 0.1 from epoch `lr_drop` on (DETR's StepLR), times a linear warm-up over the
+    first `warmup_iters` iterations (0 = none, the paper's recipe)."""
+    iters_per_epoch = max(iters_per_epoch, 1)
+
+    def factor(it: int) -> float:
+        warm = min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters > 0 else 1.0
+        return warm * (0.1 if it // iters_per_epoch >= args.lr_drop else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

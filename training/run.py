@@ -1,0 +1,268 @@
+"""A whole run: data, model, optimiser, resume, the epoch loop, evaluation and every output file.
+
+`main.main(args)` calls `run(args)`; so does the SLURM launcher. Expected failures (bad flags, data or
+checkpoints, non-finite losses) end with one line on stderr and exit code 1, never a deep traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+
+from datasets import DatasetError, build_dataset, collate_fn, get_coco_api_from_dataset, num_classes_from_coco
+from pvt_detr import build_model, load_detr_checkpoint, load_pvt_checkpoint
+from pvt_detr.checkpoints import CheckpointError
+from training import distributed as dist_utils
+from training.checkpoint import describe_mismatch, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import config_dict, save_config
+from training.engine import NonFiniteLossError, evaluate, progress_enabled, train_one_epoch
+from training.logs import TensorBoardLogger, append_log, plot_curves, truncate_log
+from training.optim import build_lr_scheduler, build_optimizer
+from training.preemption import PreemptionHandler
+from training.sampling import EpochSeededDataset, ResumableSampler
+
+
+class RunError(RuntimeError):
+    """A run cannot go on; the message is one line."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _loader(dataset, sampler, batch_size: int, train: bool, num_workers: int, seed: int) -> DataLoader:
+    # The loader draws its worker seeds from its own generator, so the global RNG (dropout, drop path) is touched
+    # by the model alone and a checkpoint's RNG state resumes the exact same run.
+    batches = BatchSampler(sampler, batch_size, drop_last=train and len(sampler) >= batch_size)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _resolve_resume(args) -> Path | None:
+    if args.resume == "auto":
+        candidate = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+        return candidate if candidate is not None and candidate.is_file() else None
+    return Path(args.resume) if args.resume else None
+
+
+def _build_datasets(args):
+    """Train/val datasets; rank 0 first so that a demo dataset is generated once."""
+    if args.distributed and not dist_utils.is_main_process():
+        dist_utils.barrier()
+    dataset_val = build_dataset("val", args)
+    dataset_train = None if args.eval else build_dataset("train", args)
+    if args.distributed and dist_utils.is_main_process():
+        dist_utils.barrier()
+    return dataset_train, dataset_val
+
+
+def run(args) -> dict:
+    """Runs training (or evaluation with --eval); returns the last evaluation stats. Exits 1 with one line on
+    expected errors."""
+    try:
+        return _run(args)
+    except (DatasetError, CheckpointError, NonFiniteLossError, RunError, dist_utils.DistributedSetupError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        dist_utils.cleanup()
+        raise SystemExit(1) from None
+
+
+def _run(args) -> dict:
+    device = dist_utils.init_distributed_mode(args)
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    seed_everything(args.seed + rank)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    main_process = dist_utils.is_main_process()
+    if output_dir is not None and main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.amp and device.type == "cpu":
+        print("note: --amp on CPU uses bfloat16 autocast")
+
+    dataset_train, dataset_val = _build_datasets(args)
+    coco_val = get_coco_api_from_dataset(dataset_val)
+    if args.num_classes is None:
+        args.num_classes = num_classes_from_coco(coco_val if dataset_train is None else dataset_train.coco)
+        print(f"num_classes = {args.num_classes} (max category id + 1, from the annotation file)")
+    names = {c["id"]: c["name"] for c in coco_val.loadCats(coco_val.getCatIds())}
+    if max(names) >= args.num_classes:
+        raise RunError(f"--num_classes {args.num_classes} is too small for category id {max(names)}")
+    if output_dir is not None and main_process:
+        save_config(args, output_dir / "config.yaml")
+
+    model, criterion, postprocessors = build_model(args)
+    if args.pretrained_backbone:
+        report = load_pvt_checkpoint(model.backbone, args.pretrained_backbone)
+        print(f"backbone from {args.pretrained_backbone}: {report}".replace("\n", "; "))
+    if args.finetune:
+        report = load_detr_checkpoint(model, args.finetune)
+        print(f"fine-tuning from {args.finetune}: {report}".replace("\n", "; "))
+    model.to(device)
+    criterion.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None, find_unused_parameters=False)
+    n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f"model {args.backbone} + DETR: {n_params / 1e6:.2f} M trainable parameters, device {device}, "
+          f"{world} process(es)")
+
+    sampler_val = ResumableSampler(dataset_val, world, rank, shuffle=False)
+    loader_val = _loader(dataset_val, sampler_val, args.batch_size, train=False, num_workers=args.num_workers,
+                         seed=args.seed)
+    progress = progress_enabled(args)
+
+    resume_path = _resolve_resume(args)
+    if args.eval:
+        if resume_path is not None:
+            state = _load_resume_state(resume_path, args)
+            model_without_ddp.load_state_dict(state["model"])
+        stats, _ = evaluate(model, criterion, postprocessors, loader_val, coco_val, device, amp=args.amp,
+                            progress=progress, results_path=output_dir / "results_val.json" if output_dir else None)
+        _draw_predictions(args, model_without_ddp, postprocessors, dataset_val, names, device, output_dir)
+        dist_utils.cleanup()
+        return stats
+
+    train_set = EpochSeededDataset(dataset_train, args.seed)
+    sampler_train = ResumableSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    loader_train = _loader(train_set, sampler_train, args.batch_size, train=True, num_workers=args.num_workers,
+                           seed=args.seed + rank)
+    iters_per_epoch = len(loader_train)
+    optimizer = build_optimizer(model_without_ddp, args)
+    lr_scheduler = build_lr_scheduler(optimizer, args, iters_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+
+    start_epoch, start_step = args.start_epoch, 0
+    if resume_path is not None:
+        state = _load_resume_state(resume_path, args)
+        model_without_ddp.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        if start_step >= iters_per_epoch:
+            start_epoch, start_step = start_epoch + 1, 0
+        rng = state.get("rng", {}).get(str(rank))
+        if rng is not None:
+            set_rng_state(rng)
+        print(f"resumed from {resume_path}: epoch {start_epoch}, step {start_step}")
+        if output_dir is not None and main_process:
+            truncate_log(output_dir, start_epoch - 1)
+
+    tb = TensorBoardLogger(output_dir if main_process else None)
+    preemption = PreemptionHandler().install()
+
+    def checkpoint_state(epoch: int, step: int) -> dict:
+        rngs = dist_utils.all_gather_object(rng_state())
+        return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "step": step,
+                "config": config_dict(args), "rng": {str(r): s for r, s in enumerate(rngs)},
+                **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+
+    def save(epoch: int, step: int, extra_name: str | None = None) -> None:
+        state = checkpoint_state(epoch, step)  # collective: every rank takes part
+        if output_dir is not None and main_process:
+            save_checkpoint(state, output_dir / "checkpoint.pth")
+            if extra_name:
+                save_checkpoint(state, output_dir / extra_name)
+        dist_utils.barrier()
+
+    def should_stop() -> bool:
+        flag = torch.tensor([1.0 if preemption.requested else 0.0])
+        if args.distributed and device.type == "cuda":
+            flag = flag.to(device)
+        return dist_utils.all_reduce_sum(flag).item() > 0
+
+    def on_stop(epoch: int, steps_done: int) -> None:
+        save(epoch, steps_done)
+        print(f"received {preemption.name or 'a stop signal'}: saved checkpoint at epoch {epoch} step "
+              f"{steps_done}; resume with --resume auto", flush=True)
+        tb.close()
+        dist_utils.cleanup()
+        preemption.finish()
+
+    stats: dict = {}
+    print(f"training {args.epochs} epochs from epoch {start_epoch} ({iters_per_epoch} steps/epoch)")
+    run_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        train_set.set_epoch(epoch)
+        sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
+        base_step = epoch * iters_per_epoch + start_step
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, lr_scheduler, device, epoch,
+            clip_max_norm=args.clip_max_norm, amp=args.amp, scaler=scaler, start_step=start_step,
+            max_nonfinite_steps=args.max_nonfinite_steps, progress=progress, should_stop=should_stop,
+            on_stop=lambda steps, e=epoch: on_stop(e, steps),
+            on_step=lambda s, v, b=base_step - start_step: tb.step(b + s, v))
+        start_step = 0
+        # DETR's convention: checkpoint.pth every epoch, and a numbered copy before the LR drop.
+        extra = f"checkpoint{epoch:04}.pth" if epoch + 1 == args.lr_drop else None
+        save(epoch + 1, 0, extra)
+        test_stats, _ = evaluate(model, criterion, postprocessors, loader_val, coco_val, device, amp=args.amp,
+                                 progress=progress,
+                                 results_path=output_dir / "results_val.json" if output_dir else None)
+        stats = test_stats
+        entry = {**{f"train_{k}": v for k, v in train_stats.items()},
+                 **{f"test_{k}": v for k, v in test_stats.items() if k in ("coco_eval_bbox",) or k.startswith("loss")},
+                 "epoch": epoch, "n_parameters": n_params, "elapsed_s": round(time.time() - run_start, 1)}
+        if output_dir is not None and main_process:
+            append_log(output_dir, entry)
+            tb.epoch({"epoch": epoch, **{k: v for k, v in entry.items() if not isinstance(v, list)},
+                      "test_AP": test_stats["AP"], "test_AP50": test_stats["AP50"]})
+            plot_curves(output_dir)
+        print(f"epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}, "
+              f"AP {test_stats['AP']:.3f}, AP50 {test_stats['AP50']:.3f} ({time.time() - run_start:.0f} s)")
+    preemption.uninstall()
+    tb.close()
+    if output_dir is not None and main_process:
+        (output_dir / "final_stats.json").write_text(json.dumps(stats, indent=1))
+    _draw_predictions(args, model_without_ddp, postprocessors, dataset_val, names, device, output_dir)
+    dist_utils.cleanup()
+    return stats
+
+
+def _load_resume_state(path: Path, args) -> dict:
+    state = load_checkpoint(path)
+    mismatch = describe_mismatch(state, args)
+    if mismatch:
+        raise CheckpointError(f"{path} was trained with a different model: {mismatch}")
+    return state
+
+
+def _draw_predictions(args, model, postprocessors, dataset_val, names, device, output_dir: Path | None) -> None:
+    """Draws the detections (score >= 0.5) of the first `--plot_predictions` validation images into PNG files."""
+    if not args.plot_predictions or output_dir is None or not dist_utils.is_main_process():
+        return
+    from PIL import Image
+
+    from datasets.coco import load_rgb
+    from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
+    from pvt_detr.visualize import draw_detections
+
+    model.eval()
+    folder = output_dir / "predictions"
+    folder.mkdir(exist_ok=True)
+    coco = dataset_val.coco
+    for index in range(min(args.plot_predictions, len(dataset_val))):
+        image, target = dataset_val[index]
+        with torch.no_grad():
+            outputs = model(nested_tensor_from_tensor_list([image]).to(device))
+        (det,) = postprocessors["bbox"](outputs, target["orig_size"][None].to(device))
+        keep = det["scores"] >= 0.5
+        info = coco.loadImgs(int(target["image_id"]))[0]
+        pil = load_rgb(str(Path(dataset_val.root) / info["file_name"]))
+        pixels = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        drawn = draw_detections(pixels, det["boxes"][keep].cpu(), det["labels"][keep].cpu(),
+                                det["scores"][keep].cpu(), names)
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(folder / f"{Path(info['file_name']).stem}.png")
+    print(f"predictions drawn into {folder}")
