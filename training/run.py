@@ -128,6 +128,8 @@ def _run(args) -> dict:
             model_without_ddp.load_state_dict(state["model"])
         stats, _ = evaluate(model, criterion, postprocessors, loader_val, coco_val, device, amp=args.amp,
                             progress=progress, results_path=output_dir / "results_val.json" if output_dir else None)
+        if output_dir is not None and dist_utils.is_main_process():
+            (output_dir / "final_stats.json").write_text(json.dumps(stats, indent=1))
         _draw_predictions(args, model_without_ddp, postprocessors, dataset_val, names, device, output_dir)
         dist_utils.cleanup()
         return stats

@@ -1,0 +1,110 @@
+"""End to end through the CLI: a subprocess running main.py on a tiny generated dataset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset_file", "demo", "--demo_train_images", "12", "--demo_val_images", "6", "--demo_image_size", "64",
+        "--backbone", "pvt_nano", "--backbone_stages", "3", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1",
+        "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "6", "--train_sizes", "64", "--max_size", "96",
+        "--test_size", "64", "--batch_size", "4", "--num_workers", "0", "--lr_drop", "1", "--seed", "3",
+        "--lr", "5e-4", "--no_progress"]
+
+
+def run_main(*args, check=True, timeout=300):
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *TINY, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data, out = base / "data", base / "run"
+    proc = run_main("--coco_path", data, "--output_dir", out, "--epochs", "2", "--plot_predictions", "2")
+    return data, out, proc
+
+
+@pytest.mark.slow
+def test_two_epochs_write_every_output(trained):
+    data, out, proc = trained
+    for name in ("checkpoint.pth", "checkpoint0000.pth", "config.yaml", "log.txt", "results_val.json", "curves.png"):
+        assert (out / name).is_file(), name
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [0, 1]
+    assert all(len(e["test_coco_eval_bbox"]) == 12 and e["train_loss"] > 0 for e in log)
+    assert {"train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_class_error", "train_lr"} <= set(log[0])
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["backbone"] == "pvt_nano" and config["num_classes"] == 8 and config["train_sizes"] == [64]
+    results = json.loads((out / "results_val.json").read_text())
+    assert len(results) == 6 * 6 and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list((out / "predictions").glob("*.png"))) == 2
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in proc.stdout
+    assert "num_classes = 8" in proc.stdout
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 0 and state["config"]["lr"] == 5e-4
+
+
+@pytest.mark.slow
+def test_eval_only_reproduces_the_final_epoch(trained, tmp_path):
+    data, out, _ = trained
+    run_main("--coco_path", data, "--output_dir", tmp_path, "--eval", "--resume", out / "checkpoint.pth")
+    final = json.loads((out / "log.txt").read_text().splitlines()[-1])["test_coco_eval_bbox"]
+    evaluated = json.loads((tmp_path / "final_stats.json").read_text())["coco_eval_bbox"]
+    assert evaluated == pytest.approx(final, abs=1e-9)
+    assert json.loads((tmp_path / "results_val.json").read_text()) == json.loads((out / "results_val.json").read_text())
+
+
+@pytest.mark.slow
+def test_resume_from_epoch_one_equals_uninterrupted_run(trained, tmp_path):
+    data, out, _ = trained
+    run_main("--coco_path", data, "--output_dir", tmp_path, "--epochs", "1")
+    first = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert first["epoch"] == 1
+    run_main("--coco_path", data, "--output_dir", tmp_path, "--epochs", "2", "--resume", tmp_path / "checkpoint.pth")
+    resumed = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    uninterrupted = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-6, atol=1e-7, msg=key)
+    log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [0, 1]
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    cases = [(["--backbone", "resnet50"], "invalid choice"),
+             (["--dataset_file", "coco", "--coco_path", tmp_path / "nope"], "no such folder"),
+             (["--resume", tmp_path / "missing.pth"], "no such file"),
+             (["--config", tmp_path / "missing.yaml"], "no such file"),
+             (["--train_sizes", "64,abc"], "comma-separated integers"),
+             (["--batch_size", "0"], "--batch_size must be positive")]
+    for args, message in cases:
+        proc = run_main(*args, check=False, timeout=60)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_config_file_sets_defaults_and_cli_wins(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import main
+    from training.config import parse_args
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("lr: 3.0e-4\ntrain_sizes: [96, 128]\nbackbone: pvt_tiny\npre_norm: true\n")
+    parser = main.get_args_parser()
+    args = parse_args(parser, ["--config", str(cfg), "--dataset_file", "demo", "--lr", "1e-3"])
+    assert args.lr == 1e-3 and args.train_sizes == [96, 128] and args.backbone == "pvt_tiny" and args.pre_norm
+    cfg.write_text("learning_rate: 1\n")
+    with pytest.raises(SystemExit):
+        parse_args(main.get_args_parser(), ["--config", str(cfg), "--dataset_file", "demo"])
