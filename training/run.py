@@ -169,6 +169,7 @@ def _run(args) -> dict:
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "step": step,
                 "config": config_dict(args), "rng": {str(r): s for r, s in enumerate(rngs)},
+                "categories": {int(k): v for k, v in names.items()},
                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
     def save(epoch: int, step: int, extra_name: str | None = None) -> None:
