@@ -194,6 +194,9 @@ def _run(args) -> dict:
         dist_utils.cleanup()
         preemption.finish()
 
+    eval_every = getattr(args, "eval_every", 1)
+    if eval_every < 1:
+        raise RunError(f"--eval_every must be >= 1, got {eval_every}")
     stats: dict = {}
     print(f"training {args.epochs} epochs from epoch {start_epoch} ({iters_per_epoch} steps/epoch)")
     run_start = time.time()
@@ -211,20 +214,26 @@ def _run(args) -> dict:
         # DETR's convention: checkpoint.pth every epoch, and a numbered copy before the LR drop.
         extra = f"checkpoint{epoch:04}.pth" if epoch + 1 == args.lr_drop else None
         save(epoch + 1, 0, extra)
-        test_stats, _ = evaluate(model, criterion, postprocessors, loader_val, coco_val, device, amp=args.amp,
-                                 progress=progress,
-                                 results_path=output_dir / "results_val.json" if output_dir else None)
-        stats = test_stats
+        # Evaluate every --eval_every epochs and after the last one.
+        evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == args.epochs
+        test_stats = {}
+        if evaluated:
+            test_stats, _ = evaluate(model, criterion, postprocessors, loader_val, coco_val, device, amp=args.amp,
+                                     progress=progress,
+                                     results_path=output_dir / "results_val.json" if output_dir else None)
+            stats = test_stats
         entry = {**{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"test_{k}": v for k, v in test_stats.items() if k in ("coco_eval_bbox",) or k.startswith("loss")},
                  "epoch": epoch, "n_parameters": n_params, "elapsed_s": round(time.time() - run_start, 1)}
         if output_dir is not None and main_process:
             append_log(output_dir, entry)
             tb.epoch({"epoch": epoch, **{k: v for k, v in entry.items() if not isinstance(v, list)},
-                      "test_AP": test_stats["AP"], "test_AP50": test_stats["AP50"]})
-            plot_curves(output_dir)
-        print(f"epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}, "
-              f"AP {test_stats['AP']:.3f}, AP50 {test_stats['AP50']:.3f} ({time.time() - run_start:.0f} s)")
+                      **({"test_AP": test_stats["AP"], "test_AP50": test_stats["AP50"]} if evaluated else {})})
+            if evaluated:
+                plot_curves(output_dir)
+        ap = f", AP {test_stats['AP']:.3f}, AP50 {test_stats['AP50']:.3f}" if evaluated else ""
+        print(f"epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}{ap} "
+              f"({time.time() - run_start:.0f} s)", flush=True)
     preemption.uninstall()
     tb.close()
     if output_dir is not None and main_process:
