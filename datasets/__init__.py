@@ -51,6 +51,8 @@ def build_dataset(image_set: str, args) -> CocoDetection:
     """The "train" or "val" split of args.dataset_file ("coco" | "demo") with its transforms; has `.coco`.
 
     demo: generated into args.coco_path (default data/demo) if not already there, then read as COCO.
+    The annotation file is validated first (`datasets.validation`): fatal problems raise DatasetError, fixed
+    ones are summarised in one printed line; more than `args.max_bad_images` of the image files missing is fatal.
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
@@ -64,7 +66,8 @@ def build_dataset(image_set: str, args) -> CocoDetection:
     else:
         raise DatasetError(f"unknown dataset {args.dataset_file!r}; expected 'coco' or 'demo'")
     images, annotations = coco_split_paths(root, image_set)
-    return CocoDetection(str(images), str(annotations), transforms=build_transform(image_set, args))
+    return CocoDetection(str(images), str(annotations), transforms=build_transform(image_set, args),
+                         max_bad_images=getattr(args, "max_bad_images", None))
 
 
 def get_coco_api_from_dataset(dataset):

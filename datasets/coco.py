@@ -3,23 +3,34 @@
 Pipeline per image: COCO annotations -> `coco_target` (XYXY `tv_tensors.BoundingBoxes` in pixels,
 crowd dropped, clamped, degenerate boxes removed) -> a `torchvision.transforms.v2` pipeline on
 `(image, target)` -> `to_detr_target` (cxcywh normalised by the transformed, unpadded size).
+
+The annotation file is checked and repaired by `datasets.validation` before pycocotools indexes it. Images
+are decoded as 8-bit RGB in the frame the annotations use (EXIF orientation applied, 16-bit scaled); an image
+that cannot be read (missing, truncated, corrupt) is skipped with a warning: the dataset returns None for it
+and `collate_fn` drops it from its batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
+from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.ops import box_area
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from datasets.errors import UnreadableImageError
+from datasets.validation import validate_coco_file
 
 
 def per_box_fields(inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -70,39 +81,118 @@ def to_detr_target(image: torch.Tensor, target: dict) -> dict:
     return out
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Opens any PIL-readable image (grayscale, palette, RGBA, PNG, ...) as RGB."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL modes of 16-bit (and 32-bit int) images
+_warned: set[str] = set()  # files already warned about in this process
+
+
+def warn_once(path: str, message: str) -> None:
+    """A warning line on stderr, once per file and process (every rank and loader worker prints its own)."""
+    if path not in _warned:
+        _warned.add(path)
+        sys.stderr.write(f"warning: {message}\n")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (1, L, P, RGBA, LA, CMYK, YCbCr, I;16, I, F, ...) -> 8-bit RGB."""
+    if image.mode in SIXTEEN_BIT_MODES:  # PIL's own conversion clips 16-bit values at 255
+        values = np.asarray(image, dtype=np.float64)  # (H, W) in 0..65535
+        return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
+    return image.convert("RGB")
+
+
+def load_rgb(path: str, expected_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decodes any PIL-readable image as 8-bit RGB, in its displayed orientation (EXIF orientation applied).
+
+    expected_size: (width, height) from the annotation file, whose boxes are in the displayed frame (COCO's
+    convention). If only the stored frame has that size, the orientation tag is ignored (the annotations were
+    made on the stored pixels); if neither has it, the image is resized to it. Both cases warn once.
+    Raises UnreadableImageError (naming the file) for a missing, truncated or corrupt file.
+    """
     try:
-        with Image.open(path) as image:
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-            return image.convert("RGB")
-    except OSError as err:  # includes PIL.UnidentifiedImageError and truncated files
-        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+        with Image.open(path) as stored:
+            stored.load()  # decode now: truncated and corrupt files fail here
+            try:
+                image = ImageOps.exif_transpose(stored)
+            except Exception as err:  # a corrupt EXIF block: PIL raises anything from ValueError to struct.error
+                warn_once(path, f"{path}: unreadable EXIF orientation ({err}); using the stored frame")
+                image = stored
+            if expected_size is not None and image.size != tuple(expected_size):
+                w, h = expected_size
+                if stored.size == (w, h):
+                    warn_once(path, f"{path}: annotated as {w}x{h}, the stored frame; EXIF orientation ignored")
+                    image = stored
+                else:
+                    warn_once(path, f"{path}: image is {image.width}x{image.height} but annotated as {w}x{h}; "
+                                    "resized to the annotation's size")
+                    image = image.resize((int(w), int(h)), Image.BILINEAR)
+            return _to_rgb(image)
+    except FileNotFoundError:
+        raise UnreadableImageError(f"cannot read image {path}: no such file") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        # OSError covers PIL.UnidentifiedImageError and truncated files
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from None
 
 
-class CocoDetection(torchvision.datasets.CocoDetection):
-    """`torchvision.datasets.CocoDetection` returning `(image (3, H, W) float, DETR target dict)`.
+class CocoDetection(torchvision.datasets.VisionDataset):
+    """COCO detection dataset returning `(image (3, H, W) float, DETR target dict)`, or None for an unreadable image.
 
+    img_folder, ann_file: COCO layout. The annotation file is validated and repaired first
+    (`datasets.validation`; a one-line summary is printed); `.coco` is the pycocotools COCO of the cleaned
+    annotations and `.report` the validation report. More than `max_bad_images` (a fraction) of the listed
+    image files missing on disk is a DatasetError.
     transforms: a v2 transform called as `transforms(image, target)`; it must end with a tensor
     image (e.g. `datasets.transforms.build_transform`). Crowd boxes are dropped as in DETR
     (pycocotools still sees them through `.coco` when evaluating).
+    skip_unreadable: return None (after a warning naming the file) for an image that cannot be read,
+    instead of raising UnreadableImageError.
     """
 
-    def __init__(self, img_folder: str, ann_file: str, transforms: Callable, drop_crowd: bool = True):
-        super().__init__(img_folder, ann_file)
+    def __init__(self, img_folder: str, ann_file: str, transforms: Callable, drop_crowd: bool = True,
+                 skip_unreadable: bool = True, max_bad_images: float | None = None):
+        super().__init__(img_folder)
+        dataset, self.report = validate_coco_file(ann_file, img_folder, max_missing_fraction=max_bad_images)
+        print(f"data: {self.report.summary()}", flush=True)
+        self.coco = coco_from_dict(dataset)
+        self.ids = sorted(self.coco.imgs)
         self.detection_transforms = transforms
         self.drop_crowd = drop_crowd
+        self.skip_unreadable = skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def _load_image(self, id: int) -> Image.Image:
-        return load_rgb(os.path.join(self.root, self.coco.loadImgs(id)[0]["file_name"]))
+        info = self.coco.imgs[id]
+        return load_rgb(os.path.join(self.root, info["file_name"]), (info["width"], info["height"]))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    def _load_target(self, id: int) -> list[dict]:
+        return self.coco.loadAnns(self.coco.getAnnIds(id))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         image_id = self.ids[index]
-        image = self._load_image(image_id)
+        try:
+            image = self._load_image(image_id)
+        except UnreadableImageError as err:
+            if not self.skip_unreadable:
+                raise
+            sys.stderr.write(f"warning: skipping image: {err}\n")
+            return None
         target = coco_target(self._load_target(image_id), image_id, image.height, image.width, self.drop_crowd)
         image, target = self.detection_transforms(image, target)
         return image, to_detr_target(image, target)
+
+
+def coco_from_dict(dataset: dict) -> COCO:
+    """A pycocotools COCO index over an already loaded (and validated) annotation dict, without its chatter."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def num_classes_from_coco(coco) -> int:

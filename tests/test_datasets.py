@@ -127,7 +127,9 @@ def test_coco_helpers(coco_root):
     dataset = build_dataset("val", _args(coco_path=str(coco_root)))
     assert num_classes_from_coco(dataset.coco) == 12
     assert get_coco_api_from_dataset(Subset(Subset(dataset, [0, 1]), [0])) is dataset.coco
-    assert len(dataset.coco.getAnnIds(imgIds=[10])) == 4  # the evaluator still sees the crowd box
+    # the evaluator still sees the crowd box; the zero-width box was dropped by the validation (and reported)
+    assert len(dataset.coco.getAnnIds(imgIds=[10])) == 3
+    assert dataset.report.fix_counts() == {"zero_area": 1, "clamped": 1}
 
 
 def test_missing_paths_name_the_path(tmp_path, coco_root):
@@ -144,9 +146,12 @@ def test_missing_paths_name_the_path(tmp_path, coco_root):
         build_dataset("train", _args(coco_path=str(coco_root)))
 
 
-def test_unreadable_image_names_the_file(coco_root):
+def test_unreadable_image_names_the_file(coco_root, capsys):
     (coco_root / "val2017" / "a.jpg").write_bytes(b"not a jpeg")
     dataset = build_dataset("val", _args(coco_path=str(coco_root)))
+    assert dataset[0] is None  # skipped, with a warning naming the file
+    assert "warning: skipping image: cannot read image" in capsys.readouterr().err
+    dataset.skip_unreadable = False
     with pytest.raises(UnreadableImageError, match="a.jpg"):
         dataset[0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,22 @@ def _to_tuple(value):
     return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
 
 
+TEMP_NAME = re.compile(r"^\..+\.tmp-\d+$")  # `.checkpoint.pth.tmp-<pid>`: never matches `checkpoint*.pth`
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Writes `state` to `path` atomically: a reader (or a crash at any moment) sees the old file or the new one."""
+    """Writes `state` to `path` atomically: a reader (or a crash at any moment) sees the old file or the new one.
+
+    The data goes to a hidden temporary file in the same folder (flushed and fsynced), which is then renamed
+    over `path`. A process killed mid-write leaves that temporary file behind; `remove_stale_temp_files` deletes it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -69,6 +81,18 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Deletes the temporary files of checkpoint writes that were killed before their rename; returns them.
+
+    Call it only when no other process writes checkpoints into `folder` (at the start of a run)."""
+    removed = []
+    for candidate in Path(folder).glob(".*.tmp-*"):
+        if TEMP_NAME.match(candidate.name) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> dict:

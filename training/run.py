@@ -1,7 +1,9 @@
 """A whole run: data, model, optimiser, resume, the epoch loop, evaluation and every output file.
 
 `main.main(args)` calls `run(args)`; so does the SLURM launcher. Expected failures (bad flags, data or
-checkpoints, non-finite losses) end with one line on stderr and exit code 1, never a deep traceback.
+checkpoints, non-finite losses, too many unreadable images, a collective failing because another process died
+or timed out) end with one line on stderr and exit code 1, never a deep traceback. A stop signal (SIGTERM,
+SIGUSR1, SIGUSR2) checkpoints at the next step boundary and exits with code 0.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 from torch.utils.data import BatchSampler, DataLoader
 
 from datasets import DatasetError, build_dataset, collate_fn, get_coco_api_from_dataset, num_classes_from_coco
 from pvt_detr import build_model, load_detr_checkpoint, load_pvt_checkpoint
 from pvt_detr.checkpoints import CheckpointError
 from training import distributed as dist_utils
-from training.checkpoint import describe_mismatch, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (
+    describe_mismatch,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from training.config import config_dict, save_config
 from training.engine import NonFiniteLossError, evaluate, progress_enabled, train_one_epoch
 from training.logs import TensorBoardLogger, append_log, plot_curves, truncate_log
@@ -66,18 +76,44 @@ def _build_datasets(args):
     return dataset_train, dataset_val
 
 
+# In the text of the RuntimeErrors that gloo / NCCL collectives raise when a peer died or timed out.
+COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe")
+
+
+def _collective_failure(error: BaseException) -> bool:
+    """True for an error raised by torch.distributed because another process died, hung or is unreachable."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error).lower()
+    return dist_utils.is_dist_avail_and_initialized() and any(m in text for m in COLLECTIVE_FAILURE_MARKERS)
+
+
 def run(args) -> dict:
     """Runs training (or evaluation with --eval); returns the last evaluation stats. Exits 1 with one line on
     expected errors."""
+    preemption = PreemptionHandler()
     try:
-        return _run(args)
+        return _run(args, preemption)
     except (DatasetError, CheckpointError, NonFiniteLossError, RunError, dist_utils.DistributedSetupError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         dist_utils.cleanup()
         raise SystemExit(1) from None
+    except RuntimeError as e:
+        if not _collective_failure(e):
+            raise
+        # Every rank reports (print is silenced on ranks > 0); the first line of gloo/NCCL errors says it all.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"error: rank {getattr(args, 'rank', 0)}: a distributed operation failed, another process "
+                         f"probably died or timed out (--dist_timeout {getattr(args, 'dist_timeout', '?')} s): "
+                         f"{first}\n")
+        sys.stderr.flush()
+        dist_utils.cleanup()
+        raise SystemExit(1) from None
+    finally:
+        preemption.uninstall()
 
 
-def _run(args) -> dict:
+def _run(args, preemption: PreemptionHandler) -> dict:
     device = dist_utils.init_distributed_mode(args)
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     seed_everything(args.seed + rank)
@@ -94,8 +130,9 @@ def _run(args) -> dict:
         args.num_classes = num_classes_from_coco(coco_val if dataset_train is None else dataset_train.coco)
         print(f"num_classes = {args.num_classes} (max category id + 1, from the annotation file)")
     names = {c["id"]: c["name"] for c in coco_val.loadCats(coco_val.getCatIds())}
-    if max(names) >= args.num_classes:
-        raise RunError(f"--num_classes {args.num_classes} is too small for category id {max(names)}")
+    max_id = max([*names, *(dataset_train.coco.getCatIds() if dataset_train is not None else [])])
+    if max_id >= args.num_classes:
+        raise RunError(f"--num_classes {args.num_classes} is too small for category id {max_id}")
     if output_dir is not None and main_process:
         save_config(args, output_dir / "config.yaml")
 
@@ -127,7 +164,8 @@ def _run(args) -> dict:
             state = _load_resume_state(resume_path, args)
             model_without_ddp.load_state_dict(state["model"])
         stats, _ = evaluate(model, criterion, postprocessors, loader_val, coco_val, device, amp=args.amp,
-                            progress=progress, results_path=output_dir / "results_val.json" if output_dir else None)
+                            progress=progress, results_path=output_dir / "results_val.json" if output_dir else None,
+                            image_ids=dataset_val.ids)
         if output_dir is not None and dist_utils.is_main_process():
             (output_dir / "final_stats.json").write_text(json.dumps(stats, indent=1))
         _draw_predictions(args, model_without_ddp, postprocessors, dataset_val, names, device, output_dir)
@@ -143,7 +181,7 @@ def _run(args) -> dict:
     lr_scheduler = build_lr_scheduler(optimizer, args, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
 
-    start_epoch, start_step = args.start_epoch, 0
+    start_epoch, start_step, start_totals = args.start_epoch, 0, None
     if resume_path is not None:
         state = _load_resume_state(resume_path, args)
         model_without_ddp.load_state_dict(state["model"])
@@ -152,8 +190,9 @@ def _run(args) -> dict:
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = state["epoch"], state["step"]
+        start_totals = state.get("epoch_totals") if start_step > 0 else None  # sums of the interrupted epoch
         if start_step >= iters_per_epoch:
-            start_epoch, start_step = start_epoch + 1, 0
+            start_epoch, start_step, start_totals = start_epoch + 1, 0, None
         rng = state.get("rng", {}).get(str(rank))
         if rng is not None:
             set_rng_state(rng)
@@ -161,19 +200,23 @@ def _run(args) -> dict:
         if output_dir is not None and main_process:
             truncate_log(output_dir, start_epoch - 1)
 
+    if output_dir is not None and main_process:
+        for stale in remove_stale_temp_files(output_dir):
+            print(f"removed {stale.name}, a checkpoint write interrupted by an earlier crash")
     tb = TensorBoardLogger(output_dir if main_process else None)
-    preemption = PreemptionHandler().install()
+    preemption.install()
 
-    def checkpoint_state(epoch: int, step: int) -> dict:
+    def checkpoint_state(epoch: int, step: int, totals: dict | None) -> dict:
         rngs = dist_utils.all_gather_object(rng_state())
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "step": step,
                 "config": config_dict(args), "rng": {str(r): s for r, s in enumerate(rngs)},
                 "categories": {int(k): v for k, v in names.items()},
+                **({"epoch_totals": totals} if totals is not None else {}),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
-    def save(epoch: int, step: int, extra_name: str | None = None) -> None:
-        state = checkpoint_state(epoch, step)  # collective: every rank takes part
+    def save(epoch: int, step: int, extra_name: str | None = None, totals: dict | None = None) -> None:
+        state = checkpoint_state(epoch, step, totals)  # collective: every rank takes part
         if output_dir is not None and main_process:
             save_checkpoint(state, output_dir / "checkpoint.pth")
             if extra_name:
@@ -186,8 +229,9 @@ def _run(args) -> dict:
             flag = flag.to(device)
         return dist_utils.all_reduce_sum(flag).item() > 0
 
-    def on_stop(epoch: int, steps_done: int) -> None:
-        save(epoch, steps_done)
+    def on_stop(epoch: int, steps_done: int, totals: dict | None) -> None:
+        if totals is not None:  # mid-epoch; at an epoch end the checkpoint is already written
+            save(epoch, steps_done, totals=totals)
         print(f"received {preemption.name or 'a stop signal'}: saved checkpoint at epoch {epoch} step "
               f"{steps_done}; resume with --resume auto", flush=True)
         tb.close()
@@ -207,10 +251,11 @@ def _run(args) -> dict:
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, lr_scheduler, device, epoch,
             clip_max_norm=args.clip_max_norm, amp=args.amp, scaler=scaler, start_step=start_step,
-            max_nonfinite_steps=args.max_nonfinite_steps, progress=progress, should_stop=should_stop,
-            on_stop=lambda steps, e=epoch: on_stop(e, steps),
+            max_nonfinite_steps=args.max_nonfinite_steps, max_bad_images=int(args.max_bad_images * len(train_set)),
+            totals=start_totals, progress=progress, should_stop=should_stop,
+            on_stop=lambda steps, totals, e=epoch: on_stop(e, steps, totals),
             on_step=lambda s, v, b=base_step - start_step: tb.step(b + s, v))
-        start_step = 0
+        start_step, start_totals = 0, None
         # DETR's convention: checkpoint.pth every epoch, and a numbered copy before the LR drop.
         extra = f"checkpoint{epoch:04}.pth" if epoch + 1 == args.lr_drop else None
         save(epoch + 1, 0, extra)
@@ -220,10 +265,12 @@ def _run(args) -> dict:
         if evaluated:
             test_stats, _ = evaluate(model, criterion, postprocessors, loader_val, coco_val, device, amp=args.amp,
                                      progress=progress,
-                                     results_path=output_dir / "results_val.json" if output_dir else None)
+                                     results_path=output_dir / "results_val.json" if output_dir else None,
+                                     image_ids=dataset_val.ids)
             stats = test_stats
         entry = {**{f"train_{k}": v for k, v in train_stats.items()},
-                 **{f"test_{k}": v for k, v in test_stats.items() if k in ("coco_eval_bbox",) or k.startswith("loss")},
+                 **{f"test_{k}": v for k, v in test_stats.items()
+                    if k in ("coco_eval_bbox", "bad_images") or k.startswith("loss")},
                  "epoch": epoch, "n_parameters": n_params, "elapsed_s": round(time.time() - run_start, 1)}
         if output_dir is not None and main_process:
             append_log(output_dir, entry)
@@ -232,8 +279,11 @@ def _run(args) -> dict:
             if evaluated:
                 plot_curves(output_dir)
         ap = f", AP {test_stats['AP']:.3f}, AP50 {test_stats['AP50']:.3f}" if evaluated else ""
-        print(f"epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}{ap} "
+        bad = f", {train_stats['bad_images']} unreadable images skipped" if train_stats.get("bad_images") else ""
+        print(f"epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}{ap}{bad} "
               f"({time.time() - run_start:.0f} s)", flush=True)
+        if epoch + 1 < args.epochs and should_stop():  # a signal during the epoch's last step or its evaluation
+            on_stop(epoch + 1, 0, None)
     preemption.uninstall()
     tb.close()
     if output_dir is not None and main_process:
@@ -266,13 +316,16 @@ def _draw_predictions(args, model, postprocessors, dataset_val, names, device, o
     folder.mkdir(exist_ok=True)
     coco = dataset_val.coco
     for index in range(min(args.plot_predictions, len(dataset_val))):
-        image, target = dataset_val[index]
+        item = dataset_val[index]
+        if item is None:  # unreadable (the dataset warned)
+            continue
+        image, target = item
         with torch.no_grad():
             outputs = model(nested_tensor_from_tensor_list([image]).to(device))
         (det,) = postprocessors["bbox"](outputs, target["orig_size"][None].to(device))
         keep = det["scores"] >= 0.5
         info = coco.loadImgs(int(target["image_id"]))[0]
-        pil = load_rgb(str(Path(dataset_val.root) / info["file_name"]))
+        pil = load_rgb(str(Path(dataset_val.root) / info["file_name"]), (info["width"], info["height"]))
         pixels = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # (3, H, W) uint8
         drawn = draw_detections(pixels, det["boxes"][keep].cpu(), det["labels"][keep].cpu(),
                                 det["scores"][keep].cpu(), names)
