@@ -1,0 +1,334 @@
+"""Distributed setup: one process per device, started by torchrun, by SLURM (srun / submitit) or by hand.
+
+`read_dist_env(environ)` turns whichever launcher environment exists into a `DistEnv` (pure: no process
+group, testable with a dict); `init_distributed_mode(args)` applies it (gloo on CPU, NCCL on CUDA, with
+`--dist_timeout`). The collective helpers (`reduce_dict`, `all_gather_object`, ...) follow DETR's
+util/misc.py but are also correct in a single process and on CPU, where DETR assumed CUDA.
+
+Environments, in order of precedence:
+- torchrun: RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT). All three or none.
+- SLURM task (inside `srun`, i.e. SLURM_STEP_ID is set): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; rank 0's
+  host is the first of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; port 20000 + job id % 20000 unless
+  MASTER_ADDR / MASTER_PORT are set. SLURM_NTASKS=1 is a single process.
+- SLURM batch script (SLURM_PROCID=0 but no SLURM_STEP_ID): a single process, unless the job has several
+  tasks, which is an error (the tasks must be started with srun).
+- Anything else, including an interactive `salloc` shell (SLURM_JOB_ID without SLURM_PROCID): single process.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_builtin_print = builtins.print
+
+
+class DistributedSetupError(RuntimeError):
+    """The launcher environment or device request cannot be turned into a process setup (one-line message)."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as read from the launcher's environment."""
+
+    launcher: str  # "torchrun", "slurm" or "single"
+    rank: int = 0  # global rank of this process
+    world_size: int = 1  # number of processes in the job
+    local_rank: int = 0  # rank on this node; picks the GPU
+    master_addr: str | None = None  # host of rank 0 (rendezvous)
+    master_port: int | None = None  # rendezvous TCP port
+    restart_count: int = 0  # SLURM_RESTART_COUNT: > 0 when SLURM requeued the job (preemption, time limit)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the environment
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise DistributedSetupError(f"{name}={environ[name]!r} is not an integer") from None
+
+
+def _check_ranks(launcher: str, rank: int, world_size: int, local_rank: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise DistributedSetupError(
+            f"inconsistent {launcher} environment: rank {rank}, world size {world_size}, local rank {local_rank}"
+        )
+
+
+def slurm_master_port(job_id: str | int) -> int:
+    """A rendezvous port in [20000, 40000) derived from the SLURM job id, so every task of a job agrees on it."""
+    match = re.match(r"\d+", str(job_id))
+    if match is None:
+        raise DistributedSetupError(f"SLURM job id {job_id!r} is not numeric; set MASTER_PORT")
+    return 20000 + int(match.group()) % 20000
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expands a SLURM host list such as `node[1-3,5],gpu[01-02]-ib,other` (pure Python, no scontrol)."""
+    hosts: list[str] = []
+    depth, start = 0, 0
+    for i, char in enumerate(nodelist + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise DistributedSetupError(f"malformed SLURM node list {nodelist!r}")
+        if char == "," and depth == 0:
+            if i > start:
+                hosts.extend(_expand_host_expr(nodelist[start:i], nodelist))
+            start = i + 1
+    if depth != 0 or not hosts:
+        raise DistributedSetupError(f"malformed SLURM node list {nodelist!r}")
+    return hosts
+
+
+def _expand_host_expr(expr: str, nodelist: str) -> list[str]:
+    parts = re.split(r"\[([^\]]*)\]", expr)  # literal, range spec, literal, range spec, ..., literal
+    choices: list[list[str]] = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            choices.append([part])
+            continue
+        numbers = []
+        for item in part.split(","):
+            low, _, high = item.partition("-")
+            if not low.isdigit() or not (high or low).isdigit() or int(high or low) < int(low):
+                raise DistributedSetupError(f"malformed range [{part}] in SLURM node list {nodelist!r}")
+            numbers += [str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1)]
+        choices.append(numbers)
+    return ["".join(combo) for combo in product(*choices)]
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: `scontrol show hostnames` when available, else `expand_nodelist`."""
+    if "[" in nodelist and shutil.which("scontrol"):
+        try:
+            # Short timeout: without a readable slurm.conf, scontrol retries for 60 s before failing.
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=5, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Reads torchrun, SLURM or no launcher variables (see the module docstring); raises DistributedSetupError
+    for a partial or inconsistent environment instead of hanging in the rendezvous."""
+    env = os.environ if environ is None else environ
+    restarts = _int_var(env, "SLURM_RESTART_COUNT") if "SLURM_RESTART_COUNT" in env else 0
+
+    present = [name for name in _TORCHRUN_VARS if name in env]
+    if present:
+        missing = [name for name in _TORCHRUN_VARS if name not in env]
+        if missing:
+            raise DistributedSetupError(
+                f"incomplete torchrun environment: {', '.join(present)} set but {', '.join(missing)} missing"
+            )
+        rank, world_size, local_rank = (_int_var(env, name) for name in _TORCHRUN_VARS)
+        _check_ranks("torchrun", rank, world_size, local_rank)
+        master_port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else None
+        return DistEnv("torchrun", rank, world_size, local_rank, env.get("MASTER_ADDR") or None, master_port,
+                       restarts)
+
+    if "SLURM_PROCID" not in env:  # no launcher, or an interactive salloc shell
+        return DistEnv("single")
+
+    in_step = "SLURM_STEP_ID" in env  # set by srun for every task; absent in the sbatch script itself
+    if "SLURM_NTASKS" not in env:
+        if in_step:
+            raise DistributedSetupError(
+                "incomplete SLURM environment: SLURM_PROCID is set but SLURM_NTASKS is missing "
+                "(start the tasks with srun --ntasks N)"
+            )
+        return DistEnv("slurm", restart_count=restarts)  # a plain sbatch script: one process
+    ntasks = _int_var(env, "SLURM_NTASKS")
+    if not in_step:
+        if ntasks > 1:
+            raise DistributedSetupError(
+                f"this is the batch script of a {ntasks}-task SLURM job: start the tasks with `srun python main.py ...`"
+            )
+        return DistEnv("slurm", restart_count=restarts)
+    if ntasks == 1:
+        return DistEnv("slurm", restart_count=restarts)
+
+    if "SLURM_LOCALID" not in env:
+        raise DistributedSetupError("incomplete SLURM environment: SLURM_PROCID is set but SLURM_LOCALID is missing")
+    rank, local_rank = _int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_LOCALID")
+    _check_ranks("SLURM", rank, ntasks, local_rank)
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise DistributedSetupError("incomplete SLURM environment: no SLURM_JOB_NODELIST and no MASTER_ADDR")
+        master_addr = first_host(nodelist)
+    if env.get("MASTER_PORT"):
+        master_port = _int_var(env, "MASTER_PORT")
+    else:
+        if "SLURM_JOB_ID" not in env:
+            raise DistributedSetupError("incomplete SLURM environment: no SLURM_JOB_ID and no MASTER_PORT")
+        master_port = slurm_master_port(env["SLURM_JOB_ID"])
+    return DistEnv("slurm", rank, ntasks, local_rank, master_addr, master_port, restarts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'cpu', 'cuda' (error if unavailable) or 'auto' (CUDA if available) -> this process's device.
+
+    With several visible GPUs the process takes `cuda:{local_rank % count}`, which covers both SLURM's
+    `--gpus-per-node` (every task sees all GPUs) and `--gpus-per-task=1` (each task sees one)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise DistributedSetupError(f"unknown device {name!r}: expected auto, cpu or cuda")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        raise DistributedSetupError(
+            f"--device cuda requested but CUDA is not available (torch {torch.__version__}, "
+            f"CUDA_VISIBLE_DEVICES={visible}); use --device cpu or auto"
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def check_dist_url(url: str) -> str:
+    """Returns `url` if every process can use it: a `file://` rendezvous must be an absolute path (DETR issue:
+    a relative --job_dir gave a relative file:// URL that each node resolved differently)."""
+    if url.startswith("file://") and not os.path.isabs(url[len("file://"):]):
+        raise DistributedSetupError(f"--dist_url {url} is relative; every process must see the same absolute path")
+    return url
+
+
+def init_distributed_mode(args: Any) -> torch.device:
+    """Reads the launcher environment, sets `args.rank`, `args.world_size`, `args.local_rank`, `args.gpu`,
+    `args.distributed` (and `args.dist_backend`), joins the process group when there are several processes
+    and returns this process's device. Non-zero ranks print only with `print(..., force=True)` afterwards.
+
+    Uses `args.device` ('auto' | 'cpu' | 'cuda'), `args.dist_url` ('env://' rendezvous at MASTER_ADDR:PORT,
+    or e.g. 'tcp://host:port' / 'file:///abs/path') and `args.dist_timeout` (seconds)."""
+    env = read_dist_env()
+    args.rank, args.world_size, args.local_rank = env.rank, env.world_size, env.local_rank
+    args.gpu = env.local_rank
+    args.distributed = env.distributed
+    device = resolve_device(getattr(args, "device", "auto"), env.local_rank)
+    args.dist_backend = "nccl" if device.type == "cuda" else "gloo"
+    if not env.distributed:
+        return device
+
+    url = check_dist_url(getattr(args, "dist_url", "env://") or "env://")
+    if url == "env://":
+        if env.master_addr is None or env.master_port is None:
+            raise DistributedSetupError(
+                f"{env.launcher} environment with {env.world_size} processes but MASTER_ADDR/MASTER_PORT unset"
+            )
+        url = f"tcp://{env.master_addr}:{env.master_port}"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    requeued = f", SLURM restart {env.restart_count}" if env.restart_count else ""
+    _builtin_print(f"| distributed init: rank {env.rank}/{env.world_size} (local {env.local_rank}, "
+                   f"{args.dist_backend}, {env.launcher}{requeued}) at {url}", flush=True)
+    dist.init_process_group(args.dist_backend, init_method=url, world_size=env.world_size, rank=env.rank,
+                            timeout=datetime.timedelta(seconds=getattr(args, "dist_timeout", 1800)))
+    barrier()  # every rank is here: a wrong address or port fails at start, within the timeout
+    setup_for_distributed(env.rank == 0)
+    return device
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silences `print` on non-master processes; `print(..., force=True)` still prints everywhere."""
+
+    def print(*args: Any, force: bool = False, **kwargs: Any) -> None:
+        if is_master or force:
+            _builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def cleanup() -> None:
+    """Leaves the process group (if any) and restores the builtin `print`."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+    builtins.print = _builtin_print
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers (no-ops in a single process)
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all processes (a new tensor; the input is untouched). Tensors must live on this
+    process's device (CUDA for NCCL, CPU for gloo)."""
+    if get_world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
+    """DETR's reduce_dict: {name: scalar tensor} summed (or averaged) over all processes, same keys."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict)  # the same order on every rank
+        values = torch.stack([input_dict[name] for name in names])
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return dict(zip(names, values))
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] for any picklable object (e.g. per-rank predictions)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
