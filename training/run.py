@@ -147,8 +147,11 @@ def _run(args, preemption: PreemptionHandler) -> dict:
     criterion.to(device)
     model_without_ddp = model
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None, find_unused_parameters=False)
+        # Backbone stages after the last one DETR reads (e.g. --backbone_stages 3) exist for checkpoint
+        # compatibility but get no gradient; DDP must then be told to expect unused parameters.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=max(args.backbone_stages) < 4)
     n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f"model {args.backbone} + DETR: {n_params / 1e6:.2f} M trainable parameters, device {device}, "
           f"{world} process(es)")
