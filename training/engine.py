@@ -73,7 +73,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     """
     model.train()
     criterion.train()
-    totals = new_epoch_totals() if totals is None else totals
+    totals = {**(new_epoch_totals() if totals is None else totals)}
     sums: dict[str, float] = defaultdict(float, totals["sums"])
     totals["sums"] = sums
     total = start_step + len(data_loader)

@@ -1,0 +1,78 @@
+"""Distributed faults: a 2-process gloo job on 127.0.0.1 where rank 1 dies (SIGKILL) or hangs (SIGSTOP).
+
+Rank 0 must leave with exit code 1 and one line naming its rank within the process-group timeout, never hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_main_cli import TINY  # noqa: E402  (the tiny model and demo data of the CLI tests)
+
+DIST_TIMEOUT = 15  # --dist_timeout, seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        assert proc.poll() is None, f"exited with {proc.returncode} before {text!r}:\n{path.read_text()[-3000:]}"
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} in {path} after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_dead_or_hung_rank_makes_rank_0_exit_with_an_error_in_bounded_time(tmp_path, fault):
+    from datasets import generate_demo_dataset
+
+    data = generate_demo_dataset(tmp_path / "data", 12, 6, 64)
+    port = _free_port()
+    command = [sys.executable, str(ROOT / "main.py"), *TINY, "--coco_path", str(data), "--output_dir",
+               str(tmp_path / "out"), "--epochs", "1000", "--eval_every", "1000", "--device", "cpu",
+               "--dist_timeout", str(DIST_TIMEOUT)]
+    procs, logs = [], []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        logs.append(tmp_path / f"rank{rank}.txt")
+        with open(logs[-1], "w") as f:
+            procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    try:
+        _wait_for(logs[0], "training 1000 epochs", procs[0])
+        time.sleep(1.0)  # a few steps into training
+        procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        start = time.time()
+        try:
+            procs[0].wait(timeout=DIST_TIMEOUT + 45)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"rank 0 still running {DIST_TIMEOUT + 45} s after rank 1 {fault}") from None
+        elapsed = time.time() - start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+    output = logs[0].read_text()
+    assert procs[0].returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0: a distributed operation failed, another process probably died or timed "
+                           f"out (--dist_timeout {DIST_TIMEOUT} s): "), last
+    assert elapsed < DIST_TIMEOUT + 30, elapsed

@@ -1,0 +1,467 @@
+"""Training faults: non-finite losses, unreadable batches, stop signals, kill -9, interrupted checkpoint writes,
+unsafe or foreign checkpoints.
+
+In-process tests drive `train_one_epoch` or `main.main` directly; the slow ones run main.py as a subprocess on the
+tiny model of tests/test_main_cli.py and compare the final weights with an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import main
+from datasets import DatasetError, collate_fn
+from pvt_detr import build_model
+from pvt_detr.criterion import SetCriterion
+from training.checkpoint import TEMP_NAME, remove_stale_temp_files, save_checkpoint
+from training.config import config_dict, parse_args
+from training.engine import NonFiniteLossError, train_one_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_main_cli import TINY  # noqa: E402  (the tiny model and demo data of the CLI tests)
+
+# Runs main.py after patching the engine so that the process sends itself a signal during one training step:
+# SELF_SIGNAL="SIGTERM:1:0" signals during epoch 1, step 0. Everything else is the real signal path.
+SELF_SIGNAL_WRAPPER = """
+import os, runpy, signal, sys
+root = sys.argv.pop(1)
+sys.path.insert(0, root)
+import training.engine as engine
+name, epoch, step = os.environ["SELF_SIGNAL"].split(":")
+original = engine._optimisation_step
+def signalling_step(*args, **kwargs):
+    if (kwargs["epoch"], kwargs["step"]) == (int(epoch), int(step)):
+        os.kill(os.getpid(), getattr(signal, name))
+    return original(*args, **kwargs)
+engine._optimisation_step = signalling_step
+sys.argv[0] = os.path.join(root, "main.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _parse(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser("pvt-detr", parents=[main.get_args_parser()])
+    return parse_args(parser, [*TINY, *map(str, argv)])
+
+
+def _run_main_in_process(capsys, *argv) -> tuple[int | None, str, str]:
+    """main.main(args) in this process -> (exit code or None if it returned, stdout, stderr)."""
+    code = None
+    try:
+        main.main(_parse(*argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    """The TINY demo dataset, generated once for the in-process tests."""
+    from datasets import generate_demo_dataset
+
+    path = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_dataset(path, 12, 6, 64)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine in process: non-finite losses and gradients, unreadable images, empty batches
+
+
+def _tiny_model():
+    args = _parse("--num_classes", "8", "--dropout", "0")
+    return build_model(args)
+
+
+def _item(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(3, 64, 64, generator=g)
+    target = {"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]]), "labels": torch.tensor([1, 7]),
+              "image_id": torch.tensor(seed), "orig_size": torch.tensor([64, 64]), "size": torch.tensor([64, 64]),
+              "area": torch.tensor([100.0, 50.0]), "iscrowd": torch.tensor([0, 0])}
+    return image, target
+
+
+def _loader(n_batches: int = 3, unreadable: dict[int, int] | None = None) -> list:
+    """Batches of 2 items; `unreadable` {batch: how many of its items the dataset returned None for}."""
+    unreadable = unreadable or {}
+    return [collate_fn([None if j < unreadable.get(b, 0) else _item(2 * b + j) for j in range(2)])
+            for b in range(n_batches)]
+
+
+class NaNLossAt(nn.Module):
+    """Wraps a criterion; `loss_bbox` becomes NaN on the given calls (0-based)."""
+
+    def __init__(self, criterion: nn.Module, calls: set[int]):
+        super().__init__()
+        self.criterion, self.calls, self.n = criterion, calls, 0
+        self.weight_dict = criterion.weight_dict
+
+    def forward(self, outputs, targets, num_boxes=None):
+        losses = self.criterion(outputs, targets, num_boxes=num_boxes)
+        if self.n in self.calls:
+            losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+        self.n += 1
+        return losses
+
+
+def _epoch(model, criterion, loader, **kwargs):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, torch.device("cpu"), 0, **kwargs)
+    return stats, scheduler
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_the_losses():
+    model, criterion, _ = _tiny_model()
+    with pytest.raises(NonFiniteLossError) as info:
+        _epoch(model, NaNLossAt(criterion, {1}), _loader())
+    message = str(info.value)
+    assert message.startswith("non-finite loss at epoch 0 step 1/3: loss=nan") and "loss_bbox=nan" in message
+    assert "loss_ce=" in message and "\n" not in message
+
+
+def test_nonfinite_steps_are_skipped_up_to_the_limit_without_touching_the_weights():
+    model, criterion, _ = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats, scheduler = _epoch(model, NaNLossAt(criterion, {0, 2}), _loader(), max_nonfinite_steps=2)
+    assert stats["nonfinite_steps"] == 2 and stats["steps"] == 3 and scheduler.last_epoch == 3
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # step 1 trained
+    model, criterion, _ = _tiny_model()
+    with pytest.raises(NonFiniteLossError, match=r"step 2/3.*\(skipped 1 such steps, --max_nonfinite_steps 1\)"):
+        _epoch(model, NaNLossAt(criterion, {0, 2}), _loader(), max_nonfinite_steps=1)
+
+
+def test_nonfinite_gradient_stops_the_run():
+    model, criterion, _ = _tiny_model()
+    model.class_embed.weight.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite gradient \(norm nan\) at epoch 0 step 0/3: loss="):
+        _epoch(model, criterion, _loader())
+
+
+def test_unreadable_images_are_counted_empty_batches_skipped_and_too_many_stop_the_epoch(capsys):
+    model, criterion, _ = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats, scheduler = _epoch(model, criterion, _loader(3, unreadable={0: 2}), max_bad_images=2)
+    assert stats["bad_images"] == 2 and stats["empty_steps"] == 1 and stats["steps"] == 3
+    assert scheduler.last_epoch == 3  # the skipped step still advances the schedule (resume stays aligned)
+    assert "warning: skipping step 0 of epoch 0: a batch has no readable image" in capsys.readouterr().err
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    with pytest.raises(DatasetError, match=r"^3 unreadable training images in epoch 0 by step 2, more than the 2 "):
+        _epoch(model, criterion, _loader(3, unreadable={0: 1, 1: 1, 2: 1}), max_bad_images=2)
+
+
+def test_stop_request_calls_on_stop_with_the_epoch_sums_and_resuming_them_gives_the_same_stats():
+    model, criterion, _ = _tiny_model()
+    state, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    loader, cpu = _loader(3, unreadable={1: 1}), torch.device("cpu")
+
+    def fresh_start():
+        model.load_state_dict(state)
+        torch.set_rng_state(rng)  # drop path draws random numbers
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+
+    full = train_one_epoch(model, criterion, loader, *fresh_start(), cpu, 0)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer, scheduler = fresh_start()
+    stops = []
+    part = train_one_epoch(model, criterion, loader, optimizer, scheduler, cpu, 0, should_stop=lambda: True,
+                           on_stop=lambda steps, totals: stops.append((steps, totals)))
+    assert part == {} and len(stops) == 1 and stops[0][0] == 1
+    steps, totals = stops[0]
+    checks = []
+    rest = train_one_epoch(model, criterion, loader[steps:], optimizer, scheduler, cpu, 0, start_step=steps,
+                           totals=totals, should_stop=lambda: checks.append(1) is None and False)
+    assert len(checks) == 1  # after step 1, not after the last step: the caller checkpoints the epoch end first
+    assert rest["steps"] == 3 and rest["bad_images"] == 1 and rest["empty_steps"] == 0
+    for key, value in weights.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    for key in full:
+        if key != "time":
+            assert rest[key] == pytest.approx(full[key], rel=1e-6), key
+
+
+def test_nonfinite_loss_through_main_is_one_line_and_exit_1(demo_data, capsys, monkeypatch):
+    original = SetCriterion.forward
+
+    def nan_forward(self, outputs, targets, num_boxes=None):
+        losses = original(self, outputs, targets, num_boxes=num_boxes)
+        return {k: v * float("nan") if k == "loss_giou" else v for k, v in losses.items()}
+
+    monkeypatch.setattr(SetCriterion, "forward", nan_forward)
+    code, _, err = _run_main_in_process(capsys, "--coco_path", demo_data, "--epochs", "1")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: non-finite loss at epoch 0 step 0/3: loss=nan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe loading
+
+
+def _python_files() -> list[Path]:
+    skip = {".venv", "data", "outputs", ".git"}
+    return [p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts)]
+
+
+def test_every_torch_load_uses_weights_only_and_yaml_is_read_safely():
+    files = _python_files()
+    assert len(files) > 30
+    problems = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if (owner, node.func.attr) == ("torch", "load"):
+                safe = [k for k in node.keywords if k.arg == "weights_only"]
+                if not safe or not (isinstance(safe[0].value, ast.Constant) and safe[0].value.value is True):
+                    problems.append(f"{where}: torch.load without weights_only=True")
+            if owner == "yaml" and node.func.attr in ("load", "unsafe_load", "full_load", "load_all"):
+                problems.append(f"{where}: yaml.{node.func.attr} (use yaml.safe_load)")
+    assert not problems, problems
+
+
+class _RunsACommand:
+    """Pickles as a call to os.system: what a malicious checkpoint would execute under weights_only=False."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(demo_data, tmp_path, capsys):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pth"
+    model, _, _ = _tiny_model()
+    torch.save({"model": model.state_dict(), "epoch": 1, "step": 0, "payload": _RunsACommand(f"touch {marker}")},
+               path)
+    for flag in ("--resume", "--finetune"):
+        code, _, err = _run_main_in_process(capsys, "--coco_path", demo_data, "--epochs", "1", flag, path)
+        assert code == 1 and "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {path}: refused to load, it holds more than tensors and plain types"), last
+        assert not marker.exists()
+
+
+def _checkpoint(path: Path, *argv) -> None:
+    args = _parse("--num_classes", "8", *argv)
+    model, _, _ = build_model(args)
+    save_checkpoint({"model": model.state_dict(), "config": config_dict(args), "epoch": 1, "step": 0}, path)
+
+
+def test_foreign_checkpoints_are_one_line_explanations(demo_data, tmp_path, capsys):
+    path = tmp_path / "small.pth"
+    _checkpoint(path)  # hidden_dim 32, 8 classes
+    cases = [(["--resume", path, "--hidden_dim", "64"], f"error: {path} was trained with a different model: "
+              "hidden_dim=32 there vs 64 here"),
+             (["--resume", path, "--num_classes", "12"], "num_classes=8 there vs 12 here"),
+             (["--finetune", path, "--hidden_dim", "64"], "in this model (a different architecture?)")]
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    cases.append((["--resume", truncated], f"error: {truncated}: not a readable checkpoint (truncated or corrupt?)"))
+    for argv, message in cases:
+        code, _, err = _run_main_in_process(capsys, "--coco_path", demo_data, "--epochs", "1", "--eval", *argv)
+        last = err.strip().splitlines()[-1]
+        assert code == 1 and message in last and "Traceback" not in err, (argv, err[-2000:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint writes killed half-way
+
+KILLED_WRITER = """
+import io, os, sys, time, torch
+root, path, stage = sys.argv[1:4]
+sys.path.insert(0, root)
+from training import checkpoint
+checkpoint.save_checkpoint({"model": {"w": torch.zeros(1000)}, "epoch": 1, "step": 0}, path)
+if stage == "mid-write":  # half of the new file's bytes written, then killed
+    real_save = torch.save
+    def half_save(obj, f):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        print("killing point", flush=True)
+        time.sleep(120)
+    torch.save = half_save
+else:  # the new file complete and synced, killed before the rename
+    real_fsync = os.fsync
+    def fsync_then_wait(fd):
+        real_fsync(fd)
+        print("killing point", flush=True)
+        time.sleep(120)
+    os.fsync = fsync_then_wait
+checkpoint.save_checkpoint({"model": {"w": torch.ones(1000)}, "epoch": 2, "step": 0}, path)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["mid-write", "before-rename"])
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, stage):
+    path = tmp_path / "checkpoint.pth"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(ROOT), str(path), stage], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "killing point"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.zeros(1000))
+    leftovers = [p for p in tmp_path.iterdir() if p != path]
+    assert len(leftovers) == 1 and TEMP_NAME.match(leftovers[0].name)  # hidden, not `checkpoint*.pth`
+    assert [p.name for p in tmp_path.glob("checkpoint*.pth")] == ["checkpoint.pth"]
+    from training.run import _resolve_resume
+
+    assert _resolve_resume(argparse.Namespace(resume="auto", output_dir=str(tmp_path))) == path
+    assert remove_stale_temp_files(tmp_path) == leftovers and list(tmp_path.iterdir()) == [path]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stop signals and kill -9 during training, end to end
+
+
+def _main_command(data: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "main.py"), *TINY, "--coco_path", str(data), "--output_dir", str(out),
+            "--epochs", "2", *map(str, extra)]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _only_plain_types(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _only_plain_types(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_only_plain_types(v) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, bool, int, float, str))
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Final weights, optimizer state and every logged number (but times) equal the uninterrupted run's."""
+    final = torch.load(out / "checkpoint.pth", weights_only=True)
+    expected = torch.load(reference / "checkpoint.pth", weights_only=True)
+    assert (final["epoch"], final["step"]) == (expected["epoch"], expected["step"])
+    assert final["model"].keys() == expected["model"].keys()
+    for key in expected["model"]:
+        torch.testing.assert_close(final["model"][key], expected["model"][key], rtol=1e-6, atol=1e-7, msg=key)
+    exp_avg = [s["exp_avg"] for s in expected["optimizer"]["state"].values()]
+    for got, want in zip([s["exp_avg"] for s in final["optimizer"]["state"].values()], exp_avg):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    log, expected_log = _log(out), _log(reference)
+    assert [e["epoch"] for e in log] == [e["epoch"] for e in expected_log]
+    for entry, want in zip(log, expected_log):
+        for key, value in want.items():
+            if key not in ("train_time", "elapsed_s"):
+                assert entry[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (entry["epoch"], key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-epoch run (3 steps per epoch); its data folder is shared by the interrupted runs."""
+    base = tmp_path_factory.mktemp("reference")
+    data, out = base / "data", base / "run"
+    proc = subprocess.run(_main_command(data, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return data, out
+
+
+@pytest.mark.slow
+def test_stop_signals_checkpoint_and_exit_0_and_resuming_gives_the_uninterrupted_run(reference, tmp_path):
+    """SIGUSR1 during epoch 0's last step: stop after that epoch's checkpoint and evaluation. Resume; SIGTERM during
+    epoch 1 step 0: checkpoint at epoch 1 step 1 with the epoch's running sums. Resume again: the same run."""
+    data, ref_out = reference
+    out = tmp_path / "run"
+    wrapper = [sys.executable, "-c", SELF_SIGNAL_WRAPPER, str(ROOT)]
+
+    proc = subprocess.run(wrapper + _main_command(data, out)[2:], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=_env(SELF_SIGNAL="SIGUSR1:0:2"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "received SIGUSR1: saved checkpoint at epoch 1 step 0; resume with --resume auto" in proc.stdout
+    assert [e["epoch"] for e in _log(out)] == [0] and "epoch 1:" not in proc.stdout
+
+    proc = subprocess.run(wrapper + _main_command(data, out, "--resume", "auto")[2:], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=_env(SELF_SIGNAL="SIGTERM:1:0"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and "epoch 1, step 0" in proc.stdout
+    assert "received SIGTERM: saved checkpoint at epoch 1 step 1; resume with --resume auto" in proc.stdout
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 1) and state["epoch_totals"]["count"] == 1
+    assert _only_plain_types(state)
+
+    proc = subprocess.run(_main_command(data, out, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "epoch 1, step 1" in proc.stdout
+    assert_same_run(out, ref_out)
+
+
+def _wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_auto_gives_the_uninterrupted_run(reference, tmp_path):
+    """Three SIGKILLs at random moments (seeded) of one training history, each followed by --resume auto; the run
+    that finally completes has the uninterrupted run's weights and log."""
+    data, ref_out = reference
+    training_seconds = _log(ref_out)[-1]["elapsed_s"]  # from the "training ..." line to the last epoch's end
+    out = tmp_path / "run"
+    history = []
+    for seed in (1, 2, 3):
+        delay = random.Random(seed).uniform(0.0, training_seconds)
+        stdout = tmp_path / f"stdout{seed}.txt"
+        with open(stdout, "w") as f:
+            proc = subprocess.Popen(_main_command(data, out, "--resume", "auto"), cwd=ROOT, stdout=f,
+                                    stderr=subprocess.STDOUT, env=_env())
+        try:
+            _wait_for_line(stdout, "training 2 epochs", proc)
+            time.sleep(delay)
+            alive = proc.poll() is None
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+        epoch = torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] if (out / "checkpoint.pth").exists() \
+            else None
+        history.append((round(delay, 2), alive, epoch))
+    assert any(alive for _, alive, _ in history), history
+    proc = subprocess.run(_main_command(data, out, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (history, proc.stdout[-2000:] + proc.stderr[-2000:])
+    assert not [p for p in out.iterdir() if TEMP_NAME.match(p.name)]
+    assert_same_run(out, ref_out)
