@@ -60,6 +60,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_queries", default=100, type=int, help="object queries")
     parser.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers")
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false", help="disable per-layer aux losses")
+    # Opt-in convergence aids (not in the paper's recipe; off by default).
+    parser.add_argument("--anchor_queries", action="store_true",
+                        help="queries own learned reference boxes (DAB-DETR style): query position = MLP(sine(box)), "
+                             "boxes predicted as offsets to them; off = DETR's learned query embeddings")
+    parser.add_argument("--anchor_size", default=0.25, type=float,
+                        help="initial width/height of the reference boxes (fraction of the image), --anchor_queries")
+    parser.add_argument("--num_groups", default=1, type=int,
+                        help="Group DETR: train with this many independent query groups, each matched one-to-one "
+                             "(evaluation uses the first); 1 = plain DETR")
 
     # Matcher and loss.
     parser.add_argument("--set_cost_class", default=1.0, type=float, help="matching cost: class")
@@ -68,6 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bbox_loss_coef", default=5.0, type=float, help="loss weight: L1 box")
     parser.add_argument("--giou_loss_coef", default=2.0, type=float, help="loss weight: GIoU")
     parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+    parser.add_argument("--cls_loss_coef", default=1.0, type=float, help="loss weight: classification")
+    parser.add_argument("--focal_loss", action="store_true",
+                        help="sigmoid focal classification loss (Deformable DETR) with a K-way sigmoid head and "
+                             "top-100 (query, class) post-processing instead of softmax CE with no-object")
+    parser.add_argument("--focal_alpha", default=0.25, type=float, help="alpha of --focal_loss")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="max category id + 1; default: derived from the annotation file")
 

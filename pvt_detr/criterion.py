@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from pvt_detr.matcher import HungarianMatcher
 
@@ -74,12 +74,107 @@ class SetCriterion(nn.Module):
         return losses
 
 
+class _SigmoidScoreMatcher(nn.Module):
+    """Feeds a matcher log-sigmoid scores, so its softmax class cost ranks queries by their sigmoid probabilities."""
+
+    def __init__(self, matcher: nn.Module):
+        super().__init__()
+        self.matcher = matcher
+
+    def forward(self, outputs: dict, targets: list[dict]):
+        return self.matcher({"pred_logits": F.logsigmoid(outputs["pred_logits"].float()),
+                             "pred_boxes": outputs["pred_boxes"]}, targets)
+
+
+class SigmoidFocalSetCriterion(SetCriterion):
+    """Opt-in (`--focal_loss`): Deformable DETR's set loss for sigmoid class heads with K outputs (no no-object
+    class): sigmoid focal loss (alpha, gamma) over every query and class, summed and divided by num_boxes, as
+    `loss_ce`; L1 + GIoU on matched boxes as in SetCriterion. `eos_coef` is not used."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__(num_classes, _SigmoidScoreMatcher(matcher), weight_dict, eos_coef=1.0)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float, log: bool) -> dict:
+        logits = outputs["pred_logits"].float()  # (B, Q, K)
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
+        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)  # (M,)
+        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])  # (M,)
+        onehot = torch.zeros_like(logits)  # (B, Q, K)
+        onehot[batch_idx, src_idx, target_classes_o] = 1.0
+        losses = {"loss_ce": sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                                reduction="sum") / num_boxes}
+
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4) cxcywh
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()  # (M, 4) cxcywh
+        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        losses["loss_giou"] = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                                       box_convert(tgt_boxes, "cxcywh", "xyxy"),
+                                                       reduction="sum") / num_boxes
+        if log:
+            with torch.no_grad():
+                if len(src_idx):
+                    correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes_o).float().mean()
+                    losses["class_error"] = 100.0 - 100.0 * correct
+                else:
+                    losses["class_error"] = torch.tensor(0.0, device=logits.device)
+                n_pred = (logits.max(-1).values > 0).sum(1).float()  # (B,) queries with a class probability > 0.5
+                n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.float, device=logits.device)
+                losses["cardinality_error"] = F.l1_loss(n_pred, n_tgt)
+        return losses
+
+
+class GroupSetCriterion(nn.Module):
+    """Opt-in (`--num_groups G`): Group DETR's loss. Training outputs hold G groups of `num_queries` queries; each
+    group is matched one-to-one and scored by `criterion` on its own; the losses are averaged over groups.
+    Outputs with `num_queries` queries (evaluation) go to `criterion` unchanged."""
+
+    def __init__(self, criterion: SetCriterion, num_queries: int, num_groups: int):
+        super().__init__()
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.num_groups = num_groups
+        self.weight_dict = criterion.weight_dict
+        self.num_classes = criterion.num_classes
+
+    @staticmethod
+    def _slice(outputs: dict, part: slice) -> dict:
+        out = {k: outputs[k][:, part] for k in ("pred_logits", "pred_boxes")}
+        if "aux_outputs" in outputs:
+            out["aux_outputs"] = [{k: aux[k][:, part] for k in ("pred_logits", "pred_boxes")}
+                                  for aux in outputs["aux_outputs"]]
+        return out
+
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
+        num_q = outputs["pred_logits"].shape[1]
+        if num_q == self.num_queries:
+            return self.criterion(outputs, targets, num_boxes)
+        if num_q != self.num_queries * self.num_groups:
+            raise ValueError(f"expected {self.num_queries} or {self.num_queries * self.num_groups} queries, "
+                             f"got {num_q}")
+        total: dict[str, torch.Tensor] = {}
+        for g in range(self.num_groups):
+            part = slice(g * self.num_queries, (g + 1) * self.num_queries)
+            for k, v in self.criterion(self._slice(outputs, part), targets, num_boxes).items():
+                total[k] = total[k] + v if k in total else v
+        return {k: v / self.num_groups for k, v in total.items()}
+
+
 def build_criterion(args, num_classes: int) -> SetCriterion:
     from pvt_detr.matcher import build_matcher
 
-    weight_dict = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    weight_dict = {"loss_ce": getattr(args, "cls_loss_coef", 1.0), "loss_bbox": args.bbox_loss_coef,
+                   "loss_giou": args.giou_loss_coef}
     if args.aux_loss:
         base = dict(weight_dict)
         for i in range(args.dec_layers - 1):
             weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
-    return SetCriterion(num_classes, build_matcher(args), weight_dict, eos_coef=args.eos_coef)
+    if getattr(args, "focal_loss", False):
+        criterion = SigmoidFocalSetCriterion(num_classes, build_matcher(args), weight_dict,
+                                             focal_alpha=getattr(args, "focal_alpha", 0.25))
+    else:
+        criterion = SetCriterion(num_classes, build_matcher(args), weight_dict, eos_coef=args.eos_coef)
+    num_groups = getattr(args, "num_groups", 1)
+    return GroupSetCriterion(criterion, args.num_queries, num_groups) if num_groups > 1 else criterion

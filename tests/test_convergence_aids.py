@@ -1,0 +1,84 @@
+"""Opt-in convergence aids (anchor queries, sigmoid focal loss, Group DETR): shapes, defaults, loss values."""
+
+import torch
+from torchvision.ops import sigmoid_focal_loss
+
+import main
+from pvt_detr import build_model
+from pvt_detr.criterion import GroupSetCriterion, SetCriterion, SigmoidFocalSetCriterion
+from pvt_detr.detr import SigmoidPostProcess
+from pvt_detr.postprocess import PostProcess
+
+SMALL = ["--backbone", "pvt_nano", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2",
+         "--dim_feedforward", "64", "--num_queries", "5", "--num_classes", "8", "--backbone_stages", "3"]
+
+
+def build(*extra):
+    return build_model(main.get_args_parser().parse_args(SMALL + list(extra)))
+
+
+def targets():
+    return [{"labels": torch.tensor([1, 7]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+            {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.4]])}]
+
+
+def test_defaults_are_plain_detr():
+    args = main.get_args_parser().parse_args([])
+    assert not args.anchor_queries and not args.focal_loss and args.num_groups == 1 and args.cls_loss_coef == 1.0
+    model, criterion, post = build()
+    assert type(criterion) is SetCriterion and type(post["bbox"]) is PostProcess
+    assert hasattr(model, "query_embed") and not hasattr(model, "refpoint_embed")
+    assert model.class_embed.out_features == 9
+
+
+def test_anchor_queries_start_at_their_reference_boxes():
+    model, _, _ = build("--anchor_queries", "--anchor_size", "0.3")
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    ref = model.refpoint_embed.weight.sigmoid()  # (Q, 4)
+    torch.testing.assert_close(out["pred_boxes"], ref.expand(2, -1, -1))
+    torch.testing.assert_close(ref[:, 2:], torch.full((5, 2), 0.3))
+
+
+def test_focal_groups_train_and_evaluate():
+    model, criterion, post = build("--anchor_queries", "--focal_loss", "--num_groups", "3", "--cls_loss_coef", "2")
+    assert isinstance(criterion, GroupSetCriterion) and isinstance(criterion.criterion, SigmoidFocalSetCriterion)
+    assert isinstance(post["bbox"], SigmoidPostProcess) and criterion.weight_dict["loss_ce_0"] == 2
+    images = torch.randn(2, 3, 64, 64)
+    out = model(images)
+    assert out["pred_logits"].shape == (2, 15, 8) and out["aux_outputs"][0]["pred_boxes"].shape == (2, 15, 4)
+    losses = criterion(out, targets())
+    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss.backward()
+    assert model.refpoint_embed.weight.grad is not None and torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert out["pred_logits"].shape == (2, 5, 8)
+    (det, _) = post["bbox"](out, torch.tensor([[64, 64], [64, 64]]))
+    assert det["boxes"].shape == (40, 4) and det["scores"].shape == det["labels"].shape == (40,)
+    assert (det["scores"][:-1] >= det["scores"][1:]).all() and det["labels"].max() < 8
+
+
+def test_group_criterion_averages_independent_groups():
+    _, criterion, _ = build("--num_groups", "2", "--no_aux_loss")
+    inner = criterion.criterion
+    a = {"pred_logits": torch.randn(2, 5, 9), "pred_boxes": torch.rand(2, 5, 4) * 0.5 + 0.25}
+    b = {"pred_logits": torch.randn(2, 5, 9), "pred_boxes": torch.rand(2, 5, 4) * 0.5 + 0.25}
+    both = {k: torch.cat([a[k], b[k]], 1) for k in a}
+    got = criterion(both, targets())
+    la, lb = inner(a, targets()), inner(b, targets())
+    for k in ("loss_ce", "loss_bbox", "loss_giou"):
+        torch.testing.assert_close(got[k], (la[k] + lb[k]) / 2)
+    torch.testing.assert_close(criterion(a, targets())["loss_ce"], la["loss_ce"])  # evaluation: one group
+
+
+def test_focal_loss_value():
+    _, criterion, _ = build("--focal_loss", "--no_aux_loss")
+    logits, boxes = torch.randn(2, 5, 8), torch.rand(2, 5, 4) * 0.5 + 0.25
+    indices = [(torch.tensor([0, 3]), torch.tensor([1, 0])), (torch.tensor([2]), torch.tensor([0]))]
+    losses = criterion._losses({"pred_logits": logits, "pred_boxes": boxes}, targets(), indices, 3.0, log=True)
+    onehot = torch.zeros(2, 5, 8)
+    onehot[0, 0, 7] = onehot[0, 3, 1] = onehot[1, 2, 3] = 1
+    torch.testing.assert_close(losses["loss_ce"], sigmoid_focal_loss(logits, onehot, reduction="sum") / 3)
