@@ -69,6 +69,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_groups", default=1, type=int,
                         help="Group DETR: train with this many independent query groups, each matched one-to-one "
                              "(evaluation uses the first); 1 = plain DETR")
+    parser.add_argument("--dn_groups", default=0, type=int,
+                        help="DN-DETR denoising training (needs --anchor_queries): this many noised copies of the "
+                             "ground-truth boxes per image are decoded as extra queries that must reconstruct them; "
+                             "0 = off")
+    parser.add_argument("--dn_box_noise", default=0.4, type=float, help="box noise scale of --dn_groups")
+    parser.add_argument("--dn_label_noise", default=0.2, type=float, help="label flip probability of --dn_groups")
 
     # Matcher and loss.
     parser.add_argument("--set_cost_class", default=1.0, type=float, help="matching cost: class")

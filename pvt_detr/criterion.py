@@ -162,6 +162,35 @@ class GroupSetCriterion(nn.Module):
         return {k: v / self.num_groups for k, v in total.items()}
 
 
+class DenoisingCriterion(nn.Module):
+    """Opt-in (`--dn_groups K`): adds DN-DETR's reconstruction losses of the denoising queries (`dn_outputs`, with
+    their fixed (query, target) `indices`) to `criterion`'s losses, as `<loss>_dn` (and `<loss>_dn_<i>` per aux
+    layer), scored by `base` (the set criterion's loss terms) and divided by K * num_boxes."""
+
+    def __init__(self, criterion: nn.Module, base: SetCriterion, dn_groups: int):
+        super().__init__()
+        self.criterion = criterion
+        self.base = base
+        self.dn_groups = dn_groups
+        self.weight_dict = criterion.weight_dict
+        self.num_classes = criterion.num_classes
+
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
+        losses = self.criterion(outputs, targets, num_boxes)
+        dn = outputs.get("dn_outputs")
+        if dn is None:
+            return losses
+        if num_boxes is None:
+            num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(float(num_boxes), 1.0) * self.dn_groups
+        indices = dn["indices"]
+        losses.update({f"{k}_dn": v for k, v in self.base._losses(dn, targets, indices, num_boxes, log=False).items()})
+        for i, aux in enumerate(dn.get("aux_outputs", [])):
+            aux_losses = self.base._losses(aux, targets, indices, num_boxes, log=False)
+            losses.update({f"{k}_dn_{i}": v for k, v in aux_losses.items()})
+        return losses
+
+
 def build_criterion(args, num_classes: int) -> SetCriterion:
     from pvt_detr.matcher import build_matcher
 
@@ -176,5 +205,14 @@ def build_criterion(args, num_classes: int) -> SetCriterion:
                                              focal_alpha=getattr(args, "focal_alpha", 0.25))
     else:
         criterion = SetCriterion(num_classes, build_matcher(args), weight_dict, eos_coef=args.eos_coef)
+    base = criterion
     num_groups = getattr(args, "num_groups", 1)
-    return GroupSetCriterion(criterion, args.num_queries, num_groups) if num_groups > 1 else criterion
+    if num_groups > 1:
+        criterion = GroupSetCriterion(criterion, args.num_queries, num_groups)
+    dn_groups = getattr(args, "dn_groups", 0)
+    if dn_groups > 0:
+        for k, v in list(weight_dict.items()):
+            head, _, layer = k.rpartition("_")
+            weight_dict[f"{head}_dn_{layer}" if layer.isdigit() else f"{k}_dn"] = v  # loss_ce_0 -> loss_ce_dn_0
+        criterion = DenoisingCriterion(criterion, base, dn_groups)
+    return criterion

@@ -60,12 +60,21 @@ class DETR(nn.Module):
       bias (Deformable DETR); use with `SigmoidFocalSetCriterion` and `SigmoidPostProcess`.
     - `num_groups` > 1: Group DETR (Chen et al. 2023) training: that many independent query groups, each
       decoded separately (no attention between groups) and matched one-to-one; evaluation uses group 0 only.
+    - `dn_groups` > 0 (needs `anchor_queries`): DN-DETR denoising training (Li et al. 2022): per image, that many
+      copies of its ground-truth boxes, jittered (centre by up to `dn_box_noise` x half the size, size by up to
+      `dn_box_noise` x the size) and with labels flipped with probability `dn_label_noise`, are decoded as extra
+      queries (reference box = noised box, content = label embedding) that must reconstruct their own box and
+      class; no matching. Decoded apart from the matching queries (no attention between the two); training only.
+      `forward` then needs the targets.
     """
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
                  aux_loss: bool = True, anchor_queries: bool = False, focal: bool = False, num_groups: int = 1,
-                 anchor_size: float = 0.25):
+                 anchor_size: float = 0.25, dn_groups: int = 0, dn_box_noise: float = 0.4,
+                 dn_label_noise: float = 0.2):
         super().__init__()
+        if dn_groups > 0 and not anchor_queries:
+            raise ValueError("denoising training (dn_groups > 0) needs anchor_queries")
         d = transformer.d_model
         self.backbone = backbone
         self.transformer = transformer
@@ -81,6 +90,9 @@ class DETR(nn.Module):
         self.anchor_queries = anchor_queries
         self.focal = focal
         self.num_groups = num_groups
+        self.dn_groups, self.dn_box_noise, self.dn_label_noise = dn_groups, dn_box_noise, dn_label_noise
+        if dn_groups > 0:
+            self.label_enc = nn.Embedding(num_classes + 1, d)  # denoising content queries; last index = padding
         total_queries = num_queries * num_groups
         if anchor_queries:
             self.refpoint_embed = nn.Embedding(total_queries, 4)  # reference boxes (cx, cy, w, h) in logit space
@@ -109,11 +121,19 @@ class DETR(nn.Module):
         ref = self.refpoint_embed.weight  # (G*Q, 4)
         return self.ref_point_head(box_sine_embed(ref.sigmoid(), self.transformer.d_model // 2)), ref
 
-    def forward(self, samples: NestedTensor | torch.Tensor | list[torch.Tensor]) -> dict:
+    @property
+    def takes_targets(self) -> bool:
+        """True if training `forward` wants the targets too (denoising training)."""
+        return self.dn_groups > 0
+
+    def forward(self, samples: NestedTensor | torch.Tensor | list[torch.Tensor],
+                targets: list[dict] | None = None) -> dict:
         """samples: NestedTensor (B, 3, H, W) + mask (B, H, W), a (B, 3, H, W) tensor, or a list of (3, H_i, W_i).
 
         Returns pred_logits (B, Q, K+1) (last index = no object), pred_boxes (B, Q, 4) cxcywh normalised to [0, 1]
         by each image's unpadded size, and aux_outputs (one such dict per earlier decoder layer) if aux_loss.
+        targets: only read in training with denoising (`dn_groups` > 0): adds `dn_outputs` (pred_logits,
+        pred_boxes, aux_outputs, and `indices`, the fixed (query, target) pairs per image).
         """
         if isinstance(samples, (list, tuple)):
             samples = nested_tensor_from_tensor_list(samples)
@@ -133,12 +153,32 @@ class DETR(nn.Module):
         mask = mask if bool(mask.any()) else None
         query_pos, ref = self._query_pos()  # (G*Q, d), (G*Q, 4) or None
         groups = self.num_groups if self.training else 1
-        if groups == 1:
+        denoise = self.training and self.dn_groups > 0 and targets is not None and any(len(t["labels"])
+                                                                                          for t in targets)
+        memory = None
+        if groups == 1 and not denoise:
             query_pos = query_pos[: self.num_queries]
             ref = ref[: self.num_queries] if ref is not None else None
             hs, _ = self.transformer(src, mask, query_pos, pos)  # (L, B, Q, d)
         else:
-            hs = self._decode_groups(src, mask, query_pos, pos, groups)  # (L, B, G*Q, d)
+            memory = self.transformer.encoder(src, pos, mask)  # (B, N, d)
+            query_pos = query_pos[: groups * self.num_queries]
+            ref = ref[: groups * self.num_queries] if ref is not None else None
+            Q = self.num_queries
+            tgt = torch.zeros(groups * src.shape[0], Q, src.shape[-1], dtype=src.dtype, device=src.device)
+            hs = self._decode(memory, pos, mask, tgt, query_pos.view(groups, Q, -1).repeat(src.shape[0], 1, 1))
+            hs = hs.reshape(hs.shape[0], src.shape[0], groups * Q, -1)  # (L, B, G*Q, d)
+        out = self._heads(hs, ref)
+        if denoise:
+            tgt, dn_pos, dn_ref, indices = self._denoising_queries(targets)  # (B*K, T, d) x2, (B, K*T, 4)
+            hs = self._decode(memory, pos, mask, tgt, dn_pos)  # (L, B*K, T, d)
+            out["dn_outputs"] = self._heads(hs.reshape(hs.shape[0], src.shape[0], -1, hs.shape[-1]), dn_ref)
+            out["dn_outputs"]["indices"] = indices
+        return out
+
+    def _heads(self, hs: torch.Tensor, ref: torch.Tensor | None) -> dict:
+        """Class and box heads on decoder outputs hs (L, B, Q, d); ref: reference boxes in logit space (Q, 4) or
+        (B, Q, 4), or None."""
         outputs_class = self.class_embed(hs)  # (L, B, Q, K+1) (K with focal)
         box_logits = self.bbox_embed(hs)  # (L, B, Q, 4)
         outputs_coord = (box_logits if ref is None else box_logits + ref).sigmoid()  # (L, B, Q, 4)
@@ -148,17 +188,44 @@ class DETR(nn.Module):
                                   for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
         return out
 
-    def _decode_groups(self, src: torch.Tensor, mask: torch.Tensor | None, query_pos: torch.Tensor,
-                       pos: torch.Tensor, groups: int) -> torch.Tensor:
-        """Group DETR decoding: the encoder runs once, each query group is decoded as its own batch entry (the same
-        as masking self-attention between groups). Returns (L, B, G*Q, d), groups concatenated along queries."""
-        B, Q = src.shape[0], self.num_queries
-        memory = self.transformer.encoder(src, pos, mask)  # (B, N, d)
-        rep = lambda x: x.repeat_interleave(groups, 0)  # noqa: E731  (B, ...) -> (B*G, ...)
-        query_pos = query_pos.view(groups, Q, -1).repeat(B, 1, 1)  # (B*G, Q, d), batch-major
-        hs = self.transformer.decoder(torch.zeros_like(query_pos), rep(memory), rep(pos),
-                                      rep(mask) if mask is not None else None, query_pos)  # (L, B*G, Q, d)
-        return hs.reshape(hs.shape[0], B, groups * Q, -1)
+    def _decode(self, memory: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, tgt: torch.Tensor,
+                query_pos: torch.Tensor) -> torch.Tensor:
+        """Decodes E = B * G query sets (tgt, query_pos (E, Q, d); entries e * G .. e * G + G - 1 belong to image e)
+        against memory, pos (B, N, d), mask (B, N): each set is its own batch entry, which equals masking attention
+        between the sets (Group DETR). Returns (L, E, Q, d)."""
+        groups = tgt.shape[0] // memory.shape[0]
+        rep = lambda x: x.repeat_interleave(groups, 0) if groups > 1 else x  # noqa: E731  (B, ...) -> (B*G, ...)
+        return self.transformer.decoder(tgt, rep(memory), rep(pos), rep(mask) if mask is not None else None,
+                                        query_pos)
+
+    def _denoising_queries(self, targets: list[dict]):
+        """DN-DETR queries: K noised copies of each image's boxes, padded to T = max boxes per image.
+
+        Returns content (B*K, T, d), positions (B*K, T, d), reference boxes in logit space (B, K*T, 4) and the fixed
+        per-image (query indices, target indices) into the K*T denoising queries.
+        """
+        B, K, T = len(targets), self.dn_groups, max(len(t["labels"]) for t in targets)
+        device = targets[0]["boxes"].device
+        boxes = torch.full((B, K, T, 4), 0.5, device=device)  # (B, K, T, 4) cxcywh; padding: a centred box
+        labels = torch.full((B, K, T), self.num_classes, dtype=torch.int64, device=device)  # padding index
+        indices = []
+        for b, t in enumerate(targets):
+            n = len(t["labels"])
+            boxes[b, :, :n] = t["boxes"].float()
+            labels[b, :, :n] = t["labels"]
+            queries = (torch.arange(K)[:, None] * T + torch.arange(n)[None]).flatten()  # (K*n,)
+            indices.append((queries, torch.arange(n).repeat(K)))
+        real = labels < self.num_classes  # (B, K, T)
+        if self.dn_label_noise > 0:
+            flip = (torch.rand(labels.shape, device=device) < self.dn_label_noise) & real
+            labels = torch.where(flip, torch.randint_like(labels, 0, self.num_classes), labels)
+        if self.dn_box_noise > 0:
+            diff = torch.cat([boxes[..., 2:] / 2, boxes[..., 2:]], -1) * self.dn_box_noise  # (B, K, T, 4)
+            boxes = (boxes + (torch.rand_like(boxes) * 2 - 1) * diff).clamp(0.0, 1.0)
+        d = self.transformer.d_model
+        content = self.label_enc(labels).view(B * K, T, d)
+        query_pos = self.ref_point_head(box_sine_embed(boxes, d // 2)).view(B * K, T, d)
+        return content, query_pos, inverse_sigmoid(boxes).view(B, K * T, 4), indices
 
 
 class SigmoidPostProcess(nn.Module):
@@ -211,6 +278,8 @@ def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     focal = getattr(args, "focal_loss", False)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries, aux_loss=args.aux_loss,
                  anchor_queries=getattr(args, "anchor_queries", False), focal=focal,
-                 num_groups=getattr(args, "num_groups", 1), anchor_size=getattr(args, "anchor_size", 0.25))
+                 num_groups=getattr(args, "num_groups", 1), anchor_size=getattr(args, "anchor_size", 0.25),
+                 dn_groups=getattr(args, "dn_groups", 0), dn_box_noise=getattr(args, "dn_box_noise", 0.4),
+                 dn_label_noise=getattr(args, "dn_label_noise", 0.2))
     criterion = build_criterion(args, num_classes)
     return model, criterion, {"bbox": SigmoidPostProcess() if focal else PostProcess()}

@@ -82,3 +82,24 @@ def test_focal_loss_value():
     onehot = torch.zeros(2, 5, 8)
     onehot[0, 0, 7] = onehot[0, 3, 1] = onehot[1, 2, 3] = 1
     torch.testing.assert_close(losses["loss_ce"], sigmoid_focal_loss(logits, onehot, reduction="sum") / 3)
+
+
+def test_denoising_queries_reconstruct_their_own_targets():
+    model, criterion, _ = build("--anchor_queries", "--focal_loss", "--dn_groups", "3", "--dn_box_noise", "0",
+                                "--dn_label_noise", "0")
+    images = torch.randn(2, 3, 64, 64)
+    out = model(images, targets())
+    dn = out["dn_outputs"]
+    assert dn["pred_boxes"].shape == (2, 6, 4) and len(dn["aux_outputs"]) == 1  # K=3 copies of T=2 boxes
+    assert [q.tolist() for q, _ in dn["indices"]] == [[0, 1, 2, 3, 4, 5], [0, 2, 4]]
+    assert [t.tolist() for _, t in dn["indices"]] == [[0, 1, 0, 1, 0, 1], [0, 0, 0]]
+    # zero-initialised box head, no noise: each denoising query starts exactly at its ground-truth box
+    torch.testing.assert_close(dn["pred_boxes"][0, :2], targets()[0]["boxes"], atol=1e-4, rtol=0)
+    losses = criterion(out, targets())
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_0"} <= set(losses)
+    assert criterion.weight_dict["loss_giou_dn_0"] == 2 and losses["loss_bbox_dn"] < 1e-3
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    assert model.label_enc.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        assert "dn_outputs" not in model(images, targets())  # training only

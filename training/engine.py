@@ -125,7 +125,9 @@ def _optimisation_step(model: nn.Module, criterion: nn.Module, samples, targets,
     after `max_nonfinite_steps` of them). Adds the step's losses to `totals`; returns the weighted loss."""
     weight_dict = criterion.weight_dict
     with autocast(device, amp):
-        outputs = model(samples)
+        # Denoising training (--dn_groups) builds extra queries from the targets.
+        takes_targets = getattr(getattr(model, "module", model), "takes_targets", False)
+        outputs = model(samples, targets) if takes_targets else model(samples)
         loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
     loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
