@@ -68,12 +68,14 @@ def coco_target(annotations: list[dict], image_id: int, height: int, width: int,
 def to_detr_target(image: torch.Tensor, target: dict) -> dict:
     """Transformed (image (3, H, W), target with XYXY pixel boxes) -> DETR's target of plain tensors.
 
-    boxes (T, 4) cxcywh normalised by (W, H); area (T,) box area in transformed pixels; size [H, W].
+    boxes (T, 4) cxcywh normalised by (W, H), within [0, 1]; area (T,) box area in transformed pixels; size [H, W].
     """
     height, width = image.shape[-2:]
-    boxes_xyxy = F.convert_bounding_box_format(target["boxes"], new_format="XYXY").as_subclass(torch.Tensor)  # (T, 4)
-    boxes_cxcywh = torchvision.ops.box_convert(boxes_xyxy, "xyxy", "cxcywh")  # (T, 4)
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes_xyxy = F.convert_bounding_box_format(target["boxes"], new_format="XYXY").as_subclass(torch.Tensor)  # (T, 4)
+    # Resizing scales coordinates in float32: a box edge on the image border can land a hair outside it.
+    boxes_xyxy = torch.minimum(boxes_xyxy.clamp(min=0), scale)  # (T, 4)
+    boxes_cxcywh = torchvision.ops.box_convert(boxes_xyxy, "xyxy", "cxcywh")  # (T, 4)
     out = {key: value for key, value in target.items() if key != "boxes"}
     out["boxes"] = boxes_cxcywh / scale  # (T, 4)
     out["area"] = box_area(boxes_xyxy)  # (T,)
