@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_main_cli import TINY  # noqa: E402  (the tiny model and demo data of the CLI tests)
 
-DIST_TIMEOUT = 15  # --dist_timeout, seconds
+DIST_TIMEOUT = 10  # --dist_timeout, seconds
 
 
 def _free_port() -> int:

@@ -90,9 +90,9 @@ def _tiny_model():
 
 def _item(seed: int):
     g = torch.Generator().manual_seed(seed)
-    image = torch.randn(3, 64, 64, generator=g)
+    image = torch.randn(3, 32, 32, generator=g)
     target = {"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]]), "labels": torch.tensor([1, 7]),
-              "image_id": torch.tensor(seed), "orig_size": torch.tensor([64, 64]), "size": torch.tensor([64, 64]),
+              "image_id": torch.tensor(seed), "orig_size": torch.tensor([32, 32]), "size": torch.tensor([32, 32]),
               "area": torch.tensor([100.0, 50.0]), "iscrowd": torch.tensor([0, 0])}
     return image, target
 
