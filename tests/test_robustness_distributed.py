@@ -58,6 +58,7 @@ def test_a_dead_or_hung_rank_makes_rank_0_exit_with_an_error_in_bounded_time(tmp
     try:
         _wait_for(logs[0], "training 1000 epochs", procs[0])
         time.sleep(1.0)  # a few steps into training
+        assert procs[0].poll() is None and procs[1].poll() is None, "a rank stopped before the fault was injected"
         procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         start = time.time()
         try:
