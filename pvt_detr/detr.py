@@ -11,7 +11,7 @@ from torchvision.ops import box_convert
 
 from pvt_detr.criterion import SetCriterion, build_criterion
 from pvt_detr.models.registry import build_backbone
-from pvt_detr.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from pvt_detr.nested_tensor import NestedTensor, is_exporting, nested_tensor_from_tensor_list
 from pvt_detr.position_encoding import PositionEmbeddingSine
 from pvt_detr.postprocess import PostProcess
 from pvt_detr.transformer import Transformer
@@ -150,7 +150,7 @@ class DETR(nn.Module):
             poss.append(pos)
             masks.append(mask.flatten(1))  # (B, H*W)
         src, pos, mask = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(masks, 1)  # (B, N, d) (B, N, d) (B, N)
-        mask = mask if bool(mask.any()) else None
+        mask = mask if is_exporting() or bool(mask.any()) else None  # an exported graph always takes the mask
         query_pos, ref = self._query_pos()  # (G*Q, d), (G*Q, 4) or None
         groups = self.num_groups if self.training else 1
         denoise = self.training and self.dn_groups > 0 and targets is not None and any(len(t["labels"])

@@ -43,6 +43,24 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask})"
 
 
+def valid_sizes(mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) padding mask (True = padding) -> (B, 2) int64 [h, w] unpadded extent of every image.
+
+    The tensor form of `NestedTensor.image_sizes` (no Python ints, so it can be exported).
+    """
+    valid = ~mask  # (B, H, W)
+    return torch.stack((valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)), dim=1)  # (B, 2)
+
+
+def is_exporting() -> bool:
+    """True while `torch.export` / `torch.onnx.export` / `torch.jit.trace` record the model.
+
+    Model code then skips its data-dependent shortcuts (`if bool(mask.any())` ...) and takes the general
+    tensor path, which gives the same values, so one recorded graph serves every padding pattern.
+    """
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def nested_tensor_from_tensor_list(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> NestedTensor:
     """Pads (C, H_i, W_i) images at the bottom/right to a common size that is a multiple of `size_divisibility`."""
     if len(images) == 0:

@@ -23,7 +23,21 @@ from torchvision.ops import StochasticDepth
 
 from pvt_detr.models.patch_linear import PatchLinear
 from pvt_detr.models.sra import SpatialReductionAttention
-from pvt_detr.nested_tensor import NestedTensor
+from pvt_detr.nested_tensor import NestedTensor, is_exporting, valid_sizes
+
+
+def _bilinear_taps(out_len: torch.Tensor, size: int, in_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear resampling of a length-`in_len` axis to `out_len[b]` points, as `F.interpolate(align_corners=False)`.
+
+    out_len: (B,) target lengths. For output indices 0..size-1 returns (i0, i1, w1), each (B, size): output i reads
+    (1 - w1) * input[i0] + w1 * input[i1]. Source point (i + 0.5) * in_len / out_len - 0.5, clamped to the input;
+    indices past out_len[b] are clamped too (callers zero them).
+    """
+    scale = torch.full_like(out_len, in_len, dtype=torch.float32) / out_len  # (B,) as interpolate: in / out
+    src = ((torch.arange(size, device=out_len.device) + 0.5) * scale[:, None] - 0.5).clamp(min=0)  # (B, size)
+    i0 = src.long()  # (B, size), floor as src >= 0
+    w1 = (src - i0).clamp(0, 1)  # (B, size)
+    return i0.clamp(max=in_len - 1), (i0 + 1).clamp(max=in_len - 1), w1
 
 
 class Mlp(nn.Module):
@@ -156,16 +170,40 @@ class PyramidVisionTransformer(nn.Module):
         pos = F.interpolate(pos.permute(0, 3, 1, 2), size=tuple(hw), mode="bilinear", align_corners=False)
         return pos.permute(0, 2, 3, 1)  # (1, h, w, C)
 
+    def _pos_embed_per_image(self, stage: int, valid_hw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Stage positional embedding resized to each image's valid h_b x w_b tokens, zero on padding: (B, H, W, C).
+
+        The whole batch at once with tensor ops only (exportable): rows then columns are interpolated at the
+        points and with the weights of `F.interpolate(mode="bilinear", align_corners=False)` (`_bilinear_taps`),
+        so every image gets what `_pos_embed(stage, (h_b, w_b))` gives it. Padding rows/columns read an appended
+        zero row/column.
+        """
+        g = self.pretrain_grids[stage]
+        H, W = hw
+        pos = self.pos_embed[stage].view(g, g, -1)  # (g, g, C)
+        C = pos.shape[-1]
+        valid_hw = valid_hw.to(pos.device)  # (B, 2)
+        B = valid_hw.shape[0]
+        y0, y1, wy = _bilinear_taps(valid_hw[:, 0], H, g)  # (B, H) each
+        x0, x1, wx = _bilinear_taps(valid_hw[:, 1], W, g)  # (B, W) each
+        pad_rows = torch.arange(H, device=pos.device)[None, :] >= valid_hw[:, :1]  # (B, H)
+        pad_cols = torch.arange(W, device=pos.device)[None, :] >= valid_hw[:, 1:]  # (B, W)
+        pos = torch.cat([pos, pos.new_zeros(1, g, C)])  # (g + 1, g, C), row g = 0
+        y0, y1 = y0.masked_fill(pad_rows, g).flatten(), y1.masked_fill(pad_rows, g).flatten()  # (B*H,)
+        rows = torch.lerp(pos.index_select(0, y0), pos.index_select(0, y1), wy.reshape(-1, 1, 1))  # (B*H, g, C)
+        rows = torch.cat([rows, rows.new_zeros(B * H, 1, C)], 1).flatten(0, 1)  # (B*H*(g+1), C), column g = 0
+        first = torch.arange(B * H, device=pos.device).view(B, H, 1) * (g + 1)  # (B, H, 1) row starts
+        x0, x1 = x0.masked_fill(pad_cols, g)[:, None, :], x1.masked_fill(pad_cols, g)[:, None, :]  # (B, 1, W)
+        out = torch.lerp(rows.index_select(0, (first + x0).flatten()), rows.index_select(0, (first + x1).flatten()),
+                         wx[:, None, :].expand(B, H, W).reshape(-1, 1))  # (B*H*W, C)
+        return out.view(B, H, W, C)
+
     def _add_pos_embed(self, stage: int, x: torch.Tensor, valid_hw: torch.Tensor | None) -> torch.Tensor:
         """Adds the positional embedding to grid x (B, H, W, C), fitted to each image's valid extent."""
         H, W = x.shape[1:3]
-        if valid_hw is None or bool((valid_hw == torch.tensor([H, W])).all()):
+        if valid_hw is None or (not is_exporting() and bool(((valid_hw[:, 0] == H) & (valid_hw[:, 1] == W)).all())):
             return x + self._pos_embed(stage, (H, W))
-        pos = x.new_zeros(x.shape)  # (B, H, W, C); padding tokens get no positional embedding
-        for hw in torch.unique(valid_hw, dim=0).tolist():
-            rows = (valid_hw == torch.tensor(hw)).all(dim=1)  # (B,)
-            pos[rows, : hw[0], : hw[1]] = self._pos_embed(stage, hw).to(x.dtype)
-        return x + pos
+        return x + self._pos_embed_per_image(stage, valid_hw, (H, W)).to(x.dtype)
 
     def _stages(self, x: torch.Tensor, valid_hw: torch.Tensor | None = None):
         """Runs the four stages; yields (stage index, grid (B, H, W, C), valid (B, 2) [h, w] token counts or None).
@@ -180,7 +218,8 @@ class PyramidVisionTransformer(nn.Module):
             x = self.patch_embed[i](x)  # (B, H_i, W_i, C_i)
             B, H, W, C = x.shape
             if valid_hw is not None:
-                valid_hw = torch.minimum(torch.div(valid_hw + p - 1, p, rounding_mode="floor"), torch.tensor([H, W]))
+                valid_hw = torch.div(valid_hw + p - 1, p, rounding_mode="floor")  # (B, 2) tokens with real pixels
+                valid_hw = torch.stack((valid_hw[:, 0].clamp(max=H), valid_hw[:, 1].clamp(max=W)), dim=1)  # (B, 2)
             x = self.pos_drop(self._add_pos_embed(i, x, valid_hw))
             tokens = x.reshape(B, H * W, C)  # (B, N, C)
             if i == 3 and self.num_classes > 0:
@@ -202,10 +241,10 @@ class PyramidVisionTransformer(nn.Module):
         r = self.blocks[stage][0].attn.sr_ratio
         h, w = hw[0] // r, hw[1] // r
         valid = torch.div(valid_hw + r - 1, r, rounding_mode="floor")  # (B, 2)
-        if bool((valid >= torch.tensor([h, w])).all()):
+        if not is_exporting() and bool(((valid[:, 0] >= h) & (valid[:, 1] >= w)).all()):
             return None
-        rows = torch.arange(h)[None, :, None] < valid[:, 0, None, None]  # (B, h, 1)
-        cols = torch.arange(w)[None, None, :] < valid[:, 1, None, None]  # (B, 1, w)
+        rows = torch.arange(h, device=valid.device)[None, :, None] < valid[:, 0, None, None]  # (B, h, 1)
+        cols = torch.arange(w, device=valid.device)[None, None, :] < valid[:, 1, None, None]  # (B, 1, w)
         return (rows & cols).flatten(1).to(self.pos_embed[0].device)  # (B, h * w)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -221,8 +260,8 @@ class PyramidVisionTransformer(nn.Module):
         """
         images, mask = samples.decompose()
         valid_hw = None
-        if mask is not None and bool(mask.any()):
-            valid_hw = torch.tensor(samples.image_sizes, dtype=torch.long)  # (B, 2)
+        if mask is not None and (is_exporting() or bool(mask.any())):
+            valid_hw = valid_sizes(mask)  # (B, 2) [h, w] unpadded pixels
         out = []
         for i, grid, vhw in self._stages(images, valid_hw):
             if i not in self.out_indices:
@@ -231,8 +270,8 @@ class PyramidVisionTransformer(nn.Module):
             if vhw is None:
                 stage_mask = torch.zeros(B, H, W, dtype=torch.bool, device=grid.device)
             else:
-                rows = torch.arange(H)[None, :, None] >= vhw[:, 0, None, None]  # (B, H, 1)
-                cols = torch.arange(W)[None, None, :] >= vhw[:, 1, None, None]  # (B, 1, W)
+                rows = torch.arange(H, device=vhw.device)[None, :, None] >= vhw[:, 0, None, None]  # (B, H, 1)
+                cols = torch.arange(W, device=vhw.device)[None, None, :] >= vhw[:, 1, None, None]  # (B, 1, W)
                 stage_mask = (rows | cols).to(grid.device)  # (B, H, W)
             out.append(NestedTensor(grid.permute(0, 3, 1, 2), stage_mask))  # (B, C_i, H_i, W_i)
         return out

@@ -1,0 +1,167 @@
+"""Command line detection with a trained checkpoint: a COCO-results JSON and one annotated PNG per image.
+
+    python -m pvt_detr.predict --checkpoint outputs/demo/checkpoint.pth --threshold 0.5 --out results/ img1.jpg dir/
+
+Inputs are image files and folders (their image files, not recursive, sorted by name). Writes
+`OUT/predictions.json`: a list of {file_name, image_id (only when the file name is a number, as in COCO),
+category_id, category_name, bbox [x, y, w, h] in the image's pixels, score}, and `OUT/<name>.png`: the image with
+its detections drawn (`pvt_detr.visualize.draw_detections`). Images are read as the evaluation reads them
+(`pvt_detr.inference`). Unreadable files are skipped with one line each on stderr; the exit code is 0 if at least
+one image was processed, else 1 with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pvt_detr.checkpoints import CheckpointError
+from pvt_detr.inference import Detector, ImageReadError, load_image
+from pvt_detr.visualize import draw_detections
+
+IMAGE_SUFFIXES = {s.lower() for s in Image.registered_extensions()}  # .jpg, .png, .bmp, .webp, .tif, ...
+
+
+class PredictError(RuntimeError):
+    """The command cannot do anything useful; the message is one line."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("python -m pvt_detr.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--checkpoint", required=True, help="pvt-detr checkpoint written by main.py (checkpoint.pth)")
+    parser.add_argument("--out", default="predictions", help="output folder for predictions.json and the PNGs")
+    parser.add_argument("--threshold", default=0.5, type=float, help="keep detections with score >= this")
+    parser.add_argument("--batch_size", default=4, type=int, help="images per forward pass")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    parser.add_argument("--no_draw", action="store_true", help="write predictions.json only, no PNGs")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (off anyway when not a TTY)")
+    return parser
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Files as given, folders expanded to their image files (by suffix, sorted); PredictError if a path is missing."""
+    files = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise PredictError(f"{name}: no such file or folder")
+    return files
+
+
+def image_id_of(path: Path) -> int | None:
+    """COCO's convention: 000000397133.jpg has image id 397133; other names have none."""
+    return int(path.stem) if path.stem.isdigit() else None
+
+
+def unique_png_names(paths: list[Path]) -> list[str]:
+    """`<stem>.png` per image; repeated stems get `-2`, `-3`, ... in input order."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(f"{path.stem}.png" if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}.png")
+    return names
+
+
+def draw(image: Image.Image, detections, categories: dict[int, str]) -> Image.Image:
+    """RGB PIL image + Detections -> PIL image with labelled boxes."""
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    width = max(2, round(max(image.size) / 400))
+    drawn = draw_detections(pixels, detections.boxes, detections.labels, detections.scores, categories, width=width)
+    return Image.fromarray(drawn.permute(1, 2, 0).numpy())  # (H, W, 3)
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="predict", unit="img", dynamic_ncols=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predicts every input image; returns the exit code. Raises PredictError / CheckpointError on fatal errors."""
+    if not 0 <= args.threshold <= 1:
+        raise PredictError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.batch_size < 1:
+        raise PredictError(f"--batch_size must be positive, got {args.batch_size}")
+    files = collect_images(args.inputs)
+    if not files:
+        raise PredictError(f"no image files found in {', '.join(args.inputs)}")
+    try:
+        detector = Detector.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    except ValueError as err:  # device
+        raise PredictError(str(err)) from None
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PredictError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+    png_names = dict(zip(files, unique_png_names(files)))
+    bar = _progress_bar(len(files), not args.no_progress and sys.stderr.isatty())
+    def report(line: str) -> None:  # above the progress bar if there is one
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    rows: list[dict] = []
+    done, skipped, start = 0, 0, time.time()
+    for first in range(0, len(files), args.batch_size):
+        images, paths = [], []
+        for path in files[first : first + args.batch_size]:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except ImageReadError as err:
+                skipped += 1
+                report(f"skipped {path}: {str(err).removeprefix(f'cannot read image {path}: ')}")
+                if bar is not None:
+                    bar.update(1)
+        if not images:
+            continue
+        for path, image, det in zip(paths, images, detector.predict(images, score_threshold=args.threshold)):
+            image_id = image_id_of(path)
+            rows += det.to_coco(file_name=str(path), **({"image_id": image_id} if image_id is not None else {}))
+            if not args.no_draw:
+                draw(image, det, detector.categories).save(out / png_names[path])
+            done += 1
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if done == 0:
+        raise PredictError(f"none of the {len(files)} input images could be read")
+    tmp = out / f".predictions.json.tmp-{os.getpid()}"
+    tmp.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")  # one detection per line
+    tmp.replace(out / "predictions.json")
+    pngs = "" if args.no_draw else f" and {done} PNG(s)"
+    print(f"{done} image(s), {len(rows)} detection(s) with score >= {args.threshold} -> {out / 'predictions.json'}"
+          f"{pngs}; {skipped} skipped ({time.time() - start:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (PredictError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
