@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_main_cli import TINY  # noqa: E402  (the tiny model and demo data of the CLI tests)
 
-DIST_TIMEOUT = 10  # --dist_timeout, seconds
+DIST_TIMEOUT = 20  # --dist_timeout, seconds; shorter ones can expire at start-up on a loaded machine
 
 
 def _free_port() -> int:
@@ -28,12 +28,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _tails(logs: list[Path]) -> str:
+    return "\n".join(f"--- rank {rank}:\n{log.read_text()[-2000:]}" for rank, log in enumerate(logs))
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, logs: list[Path], timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if path.exists() and text in path.read_text():
             return
-        assert proc.poll() is None, f"exited with {proc.returncode} before {text!r}:\n{path.read_text()[-3000:]}"
+        assert proc.poll() is None, f"exited with {proc.returncode} before {text!r}:\n{_tails(logs)}"
         time.sleep(0.1)
     raise AssertionError(f"no {text!r} in {path} after {timeout} s")
 
@@ -56,9 +60,9 @@ def test_a_dead_or_hung_rank_makes_rank_0_exit_with_an_error_in_bounded_time(tmp
         with open(logs[-1], "w") as f:
             procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
     try:
-        _wait_for(logs[0], "training 1000 epochs", procs[0])
+        _wait_for(logs[0], "training 1000 epochs", procs[0], logs)
         time.sleep(1.0)  # a few steps into training
-        assert procs[0].poll() is None and procs[1].poll() is None, "a rank stopped before the fault was injected"
+        assert procs[0].poll() is None and procs[1].poll() is None, f"a rank stopped early:\n{_tails(logs)}"
         procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         start = time.time()
         try:
@@ -71,8 +75,8 @@ def test_a_dead_or_hung_rank_makes_rank_0_exit_with_an_error_in_bounded_time(tmp
             proc.kill()
             proc.wait(timeout=30)
     output = logs[0].read_text()
-    assert procs[0].returncode == 1, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
+    assert procs[0].returncode == 1, _tails(logs)
+    assert "Traceback" not in output, _tails(logs)
     last = output.strip().splitlines()[-1]
     assert last.startswith("error: rank 0: a distributed operation failed, another process probably died or timed "
                            f"out (--dist_timeout {DIST_TIMEOUT} s): "), last
