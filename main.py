@@ -73,6 +73,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DN-DETR denoising training (needs --anchor_queries): this many noised copies of the "
                              "ground-truth boxes per image are decoded as extra queries that must reconstruct them; "
                              "0 = off")
+    parser.add_argument("--two_stage", action="store_true",
+                        help="Deformable DETR two-stage (needs --anchor_queries): encoder tokens predict boxes with "
+                             "the set loss; the --num_queries best become the decoder's reference boxes")
+    parser.add_argument("--two_stage_repeat", default=1, type=int,
+                        help="--two_stage: match each target to this many encoder tokens (H-DETR one-to-many); "
+                             "1 = one-to-one as in Deformable DETR")
     parser.add_argument("--dn_box_noise", default=0.4, type=float, help="box noise scale of --dn_groups")
     parser.add_argument("--dn_label_noise", default=0.2, type=float, help="label flip probability of --dn_groups")
 

@@ -191,11 +191,41 @@ class DenoisingCriterion(nn.Module):
         return losses
 
 
+class TwoStageCriterion(nn.Module):
+    """Opt-in (`--two_stage`): adds the set loss of the per-token encoder predictions (`enc_outputs`: Hungarian
+    matching over the tokens, scored by `base`) to `criterion`'s losses, as `<loss>_enc`. With `repeat` k > 1 the
+    matching is one-to-many (H-DETR's hybrid matching): each target is repeated k times, so k tokens learn it."""
+
+    def __init__(self, criterion: nn.Module, base: SetCriterion, repeat: int = 1):
+        super().__init__()
+        self.criterion = criterion
+        self.base = base
+        self.repeat = repeat
+        self.weight_dict = criterion.weight_dict
+        self.num_classes = criterion.num_classes
+
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
+        losses = self.criterion(outputs, targets, num_boxes)
+        enc = outputs.get("enc_outputs")
+        if enc is None:
+            return losses
+        if num_boxes is None:
+            num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(float(num_boxes), 1.0) * self.repeat
+        if self.repeat > 1:
+            targets = [{**t, "labels": t["labels"].repeat(self.repeat), "boxes": t["boxes"].repeat(self.repeat, 1)}
+                       for t in targets]
+        enc_losses = self.base._losses(enc, targets, self.base.matcher(enc, targets), num_boxes, log=False)
+        losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
+        return losses
+
+
 def build_criterion(args, num_classes: int) -> SetCriterion:
     from pvt_detr.matcher import build_matcher
 
     weight_dict = {"loss_ce": getattr(args, "cls_loss_coef", 1.0), "loss_bbox": args.bbox_loss_coef,
                    "loss_giou": args.giou_loss_coef}
+    base_weights = dict(weight_dict)
     if args.aux_loss:
         base = dict(weight_dict)
         for i in range(args.dec_layers - 1):
@@ -215,4 +245,7 @@ def build_criterion(args, num_classes: int) -> SetCriterion:
             head, _, layer = k.rpartition("_")
             weight_dict[f"{head}_dn_{layer}" if layer.isdigit() else f"{k}_dn"] = v  # loss_ce_0 -> loss_ce_dn_0
         criterion = DenoisingCriterion(criterion, base, dn_groups)
+    if getattr(args, "two_stage", False):
+        weight_dict.update({f"{k}_enc": v for k, v in base_weights.items()})
+        criterion = TwoStageCriterion(criterion, base, repeat=getattr(args, "two_stage_repeat", 1))
     return criterion

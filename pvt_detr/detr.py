@@ -66,15 +66,21 @@ class DETR(nn.Module):
       queries (reference box = noised box, content = label embedding) that must reconstruct their own box and
       class; no matching. Decoded apart from the matching queries (no attention between the two); training only.
       `forward` then needs the targets.
+    - `two_stage` (needs `anchor_queries`): Deformable DETR's two-stage scheme: every encoder token predicts a
+      class and a box (an offset to a box of `anchor_size` centred on the token), trained with the set loss
+      (Hungarian matching over the tokens, `enc_outputs`); the `num_queries` best-scoring token boxes (detached)
+      are the decoder's reference boxes instead of learned ones, their features its content queries.
     """
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
                  aux_loss: bool = True, anchor_queries: bool = False, focal: bool = False, num_groups: int = 1,
                  anchor_size: float = 0.25, dn_groups: int = 0, dn_box_noise: float = 0.4,
-                 dn_label_noise: float = 0.2):
+                 dn_label_noise: float = 0.2, two_stage: bool = False):
         super().__init__()
-        if dn_groups > 0 and not anchor_queries:
-            raise ValueError("denoising training (dn_groups > 0) needs anchor_queries")
+        if (dn_groups > 0 or two_stage) and not anchor_queries:
+            raise ValueError("denoising training (dn_groups > 0) and two_stage need anchor_queries")
+        if two_stage and num_groups > 1:
+            raise ValueError("two_stage does not support num_groups > 1")
         d = transformer.d_model
         self.backbone = backbone
         self.transformer = transformer
@@ -94,8 +100,18 @@ class DETR(nn.Module):
         if dn_groups > 0:
             self.label_enc = nn.Embedding(num_classes + 1, d)  # denoising content queries; last index = padding
         total_queries = num_queries * num_groups
+        self.two_stage, self.anchor_size = two_stage, anchor_size
+        if two_stage:  # per-token class and box heads on the (normed, projected) encoder memory
+            self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
+            self.enc_class_embed = nn.Linear(d, num_classes if focal else num_classes + 1)
+            self.enc_bbox_embed = MLP(d, d, 4, 3)
+            nn.init.zeros_(self.enc_bbox_embed.layers[-1].weight)
+            nn.init.zeros_(self.enc_bbox_embed.layers[-1].bias)
+            if focal:
+                nn.init.constant_(self.enc_class_embed.bias, -math.log((1 - 0.01) / 0.01))
         if anchor_queries:
-            self.refpoint_embed = nn.Embedding(total_queries, 4)  # reference boxes (cx, cy, w, h) in logit space
+            if not two_stage:
+                self.refpoint_embed = nn.Embedding(total_queries, 4)  # reference boxes (cx, cy, w, h), logit space
             self.ref_point_head = MLP(2 * d, d, d, 2)  # sine(box) (4 * d/2) -> query position
         else:
             self.query_embed = nn.Embedding(total_queries, d)
@@ -105,12 +121,13 @@ class DETR(nn.Module):
             nn.init.normal_(self.level_embed)
         if focal:  # prior probability 0.01 for every class (RetinaNet / Deformable DETR)
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        if anchor_queries:
+        if anchor_queries and not two_stage:
             with torch.no_grad():
                 g = torch.Generator().manual_seed(0)
                 centres = torch.rand(total_queries, 2, generator=g)  # (Q, 2) uniform over the image
                 sizes = torch.full((total_queries, 2), anchor_size)
                 self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.cat([centres, sizes], 1)))
+        if anchor_queries:
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
@@ -139,9 +156,11 @@ class DETR(nn.Module):
             samples = nested_tensor_from_tensor_list(samples)
         elif isinstance(samples, torch.Tensor):
             samples = NestedTensor(samples, None)
-        srcs, masks, poss = [], [], []
+        srcs, masks, poss, proposals = [], [], [], []
         for level, feature in enumerate(self.backbone.forward_nested(samples)):
             x, mask = feature.decompose()  # (B, C, H, W), (B, H, W)
+            if self.two_stage:
+                proposals.append(self._token_boxes(mask, level))  # (B, H*W, 4)
             src = self.input_proj[level](x.permute(0, 2, 3, 1)).flatten(1, 2)  # (B, H*W, d)
             pos = self.position_embedding(mask).flatten(1, 2).to(src.dtype)  # (B, H*W, d)
             if self.level_embed is not None:
@@ -151,16 +170,22 @@ class DETR(nn.Module):
             masks.append(mask.flatten(1))  # (B, H*W)
         src, pos, mask = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(masks, 1)  # (B, N, d) (B, N, d) (B, N)
         mask = mask if is_exporting() or bool(mask.any()) else None  # an exported graph always takes the mask
-        query_pos, ref = self._query_pos()  # (G*Q, d), (G*Q, 4) or None
         groups = self.num_groups if self.training else 1
         denoise = self.training and self.dn_groups > 0 and targets is not None and any(len(t["labels"])
                                                                                           for t in targets)
         memory = None
-        if groups == 1 and not denoise:
+        if self.two_stage:
+            memory = self.transformer.encoder(src, pos, mask)  # (B, N, d)
+            enc, ref, tgt = self._proposals(memory, mask, torch.cat(proposals, 1))  # {..}, (B, Q, 4), (B, Q, d)
+            query_pos = self.ref_point_head(box_sine_embed(ref.sigmoid(), self.transformer.d_model // 2))
+            hs = self._decode(memory, pos, mask, tgt, query_pos)  # (L, B, Q, d)
+        elif groups == 1 and not denoise:
+            query_pos, ref = self._query_pos()  # (G*Q, d), (G*Q, 4) or None
             query_pos = query_pos[: self.num_queries]
             ref = ref[: self.num_queries] if ref is not None else None
             hs, _ = self.transformer(src, mask, query_pos, pos)  # (L, B, Q, d)
         else:
+            query_pos, ref = self._query_pos()
             memory = self.transformer.encoder(src, pos, mask)  # (B, N, d)
             query_pos = query_pos[: groups * self.num_queries]
             ref = ref[: groups * self.num_queries] if ref is not None else None
@@ -169,12 +194,43 @@ class DETR(nn.Module):
             hs = self._decode(memory, pos, mask, tgt, query_pos.view(groups, Q, -1).repeat(src.shape[0], 1, 1))
             hs = hs.reshape(hs.shape[0], src.shape[0], groups * Q, -1)  # (L, B, G*Q, d)
         out = self._heads(hs, ref)
+        if self.two_stage:
+            out["enc_outputs"] = enc
         if denoise:
             tgt, dn_pos, dn_ref, indices = self._denoising_queries(targets)  # (B*K, T, d) x2, (B, K*T, 4)
             hs = self._decode(memory, pos, mask, tgt, dn_pos)  # (L, B*K, T, d)
             out["dn_outputs"] = self._heads(hs.reshape(hs.shape[0], src.shape[0], -1, hs.shape[-1]), dn_ref)
             out["dn_outputs"]["indices"] = indices
         return out
+
+    def _token_boxes(self, mask: torch.Tensor, level: int) -> torch.Tensor:
+        """Boxes (B, H*W, 4) cxcywh in [0, 1] centred on each token of a (B, H, W) level, of side anchor_size x
+        2^level; padding tokens get NaN (replaced, never selected)."""
+        not_mask = (~mask).to(torch.float32)  # (B, H, W)
+        y, x = not_mask.cumsum(1), not_mask.cumsum(2)  # (B, H, W)
+        cy = (y - 0.5) / y[:, -1:, :].clamp(min=1)
+        cx = (x - 0.5) / x[:, :, -1:].clamp(min=1)
+        side = torch.full_like(cx, min(self.anchor_size * 2 ** level, 0.9))
+        boxes = torch.stack([cx, cy, side, side], -1)  # (B, H, W, 4)
+        return boxes.masked_fill(mask[..., None], float("nan")).flatten(1, 2)
+
+    def _proposals(self, memory: torch.Tensor, mask: torch.Tensor | None, token_boxes: torch.Tensor):
+        """Two-stage: per-token predictions ({pred_logits (B, N, K(+1)), pred_boxes (B, N, 4)}), the reference
+        boxes (B, Q, 4) in logit space of the Q best tokens (detached) and their features (B, Q, d), the decoder's
+        content queries (as in Efficient DETR)."""
+        feats = self.enc_output(memory)  # (B, N, d)
+        logits = self.enc_class_embed(feats)  # (B, N, K) or (B, N, K+1)
+        box_logits = self.enc_bbox_embed(feats) + inverse_sigmoid(token_boxes.nan_to_num(0.5))  # (B, N, 4)
+        score = logits.max(-1).values if self.focal else 1 - logits.softmax(-1)[..., -1]  # (B, N)
+        if mask is not None:
+            score = score.masked_fill(mask, float("-inf"))
+        top = score.topk(min(self.num_queries, score.shape[1]), dim=1).indices  # (B, Q)
+        ref = torch.gather(box_logits, 1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+        tgt = torch.gather(feats, 1, top[..., None].expand(-1, -1, feats.shape[-1]))  # (B, Q, d)
+        boxes = box_logits.sigmoid()  # (B, N, 4)
+        if mask is not None:  # padding tokens: a box far outside the image, so that matching never picks them
+            boxes = torch.where(mask[..., None], boxes.new_tensor([-10.0, -10.0, 0.01, 0.01]), boxes)
+        return {"pred_logits": logits, "pred_boxes": boxes}, ref, tgt
 
     def _heads(self, hs: torch.Tensor, ref: torch.Tensor | None) -> dict:
         """Class and box heads on decoder outputs hs (L, B, Q, d); ref: reference boxes in logit space (Q, 4) or
@@ -260,8 +316,11 @@ def _check_args(args) -> None:
         raise ValueError("--dropout and --drop_path must be in [0, 1)")
     if args.num_classes is not None and args.num_classes < 1:
         raise ValueError(f"--num_classes must be >= 1, got {args.num_classes}")
-    if getattr(args, "num_groups", 1) < 1:
-        raise ValueError(f"--num_groups must be >= 1, got {args.num_groups}")
+    for name in ("num_groups", "two_stage_repeat"):
+        if getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "dn_groups", 0) < 0:
+        raise ValueError(f"--dn_groups must be >= 0, got {args.dn_groups}")
     if not 0 < getattr(args, "anchor_size", 0.25) < 1:
         raise ValueError(f"--anchor_size must be in (0, 1), got {args.anchor_size}")
 
@@ -280,6 +339,6 @@ def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
                  anchor_queries=getattr(args, "anchor_queries", False), focal=focal,
                  num_groups=getattr(args, "num_groups", 1), anchor_size=getattr(args, "anchor_size", 0.25),
                  dn_groups=getattr(args, "dn_groups", 0), dn_box_noise=getattr(args, "dn_box_noise", 0.4),
-                 dn_label_noise=getattr(args, "dn_label_noise", 0.2))
+                 dn_label_noise=getattr(args, "dn_label_noise", 0.2), two_stage=getattr(args, "two_stage", False))
     criterion = build_criterion(args, num_classes)
     return model, criterion, {"bbox": SigmoidPostProcess() if focal else PostProcess()}

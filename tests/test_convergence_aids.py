@@ -103,3 +103,27 @@ def test_denoising_queries_reconstruct_their_own_targets():
     model.eval()
     with torch.no_grad():
         assert "dn_outputs" not in model(images, targets())  # training only
+
+
+def test_two_stage_queries_start_at_the_best_tokens():
+    model, criterion, _ = build("--anchor_queries", "--focal_loss", "--two_stage", "--dn_groups", "2",
+                                "--anchor_size", "0.2")
+    assert not hasattr(model, "refpoint_embed")
+    images = torch.randn(2, 3, 64, 64)
+    out = model(images, targets())
+    enc = out["enc_outputs"]
+    assert enc["pred_logits"].shape == (2, 16, 8) and enc["pred_boxes"].shape == (2, 16, 4)  # 4 x 4 tokens
+    # zero-initialised box heads: token boxes are centred on their tokens, decoder boxes on the chosen tokens
+    torch.testing.assert_close(enc["pred_boxes"][0, 5], torch.tensor([0.375, 0.375, 0.2, 0.2]))
+    chosen = out["pred_boxes"][..., :2].detach()  # (2, 5, 2) centres
+    assert torch.isin((chosen * 4 - 0.5).round().flatten(), torch.arange(4.0)).all()
+    losses = criterion(out, targets())
+    assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "loss_ce_dn", "loss_ce_0"} <= set(losses)
+    assert criterion.weight_dict["loss_bbox_enc"] == 5
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    assert model.enc_bbox_embed.layers[-1].weight.grad is not None
+    # padded images: padding tokens are never chosen and never matched
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.randn(3, 64, 64), torch.randn(3, 32, 64)])
+    assert (out["enc_outputs"]["pred_boxes"][1, 8:, 0] == -10).all()
