@@ -122,6 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start_epoch", default=0, type=int, help="first epoch (overridden by --resume)")
     parser.add_argument("--eval", action="store_true", help="evaluate only")
     parser.add_argument("--num_workers", default=2, type=int, help="data loader workers")
+    parser.add_argument("--num_threads", default=0, type=int,
+                        help="torch intra-op CPU threads (torch.set_num_threads); 0 = torch's default")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--max_nonfinite_steps", default=0, type=int,
                         help="non-finite loss/grad steps skipped before the run stops (0 = stop at the first)")

@@ -117,6 +117,8 @@ def _run(args, preemption: PreemptionHandler) -> dict:
     device = dist_utils.init_distributed_mode(args)
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     seed_everything(args.seed + rank)
+    if getattr(args, "num_threads", 0) > 0:
+        torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir) if args.output_dir else None
     main_process = dist_utils.is_main_process()
     if output_dir is not None and main_process:
