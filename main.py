@@ -127,6 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--max_nonfinite_steps", default=0, type=int,
                         help="non-finite loss/grad steps skipped before the run stops (0 = stop at the first)")
+    parser.add_argument("--plot_threshold", default=0.5, type=float,
+                        help="score threshold of the detections drawn by --plot_predictions")
     parser.add_argument("--eval_every", default=1, type=int,
                         help="evaluate on the validation split every this many epochs (and after the last one)")
     parser.add_argument("--plot_predictions", default=0, type=int,

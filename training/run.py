@@ -307,7 +307,8 @@ def _load_resume_state(path: Path, args) -> dict:
 
 
 def _draw_predictions(args, model, postprocessors, dataset_val, names, device, output_dir: Path | None) -> None:
-    """Draws the detections (score >= 0.5) of the first `--plot_predictions` validation images into PNG files."""
+    """Draws the detections (score >= --plot_threshold) of the first `--plot_predictions` validation images into PNG
+    files."""
     if not args.plot_predictions or output_dir is None or not dist_utils.is_main_process():
         return
     from PIL import Image
@@ -328,7 +329,7 @@ def _draw_predictions(args, model, postprocessors, dataset_val, names, device, o
         with torch.no_grad():
             outputs = model(nested_tensor_from_tensor_list([image]).to(device))
         (det,) = postprocessors["bbox"](outputs, target["orig_size"][None].to(device))
-        keep = det["scores"] >= 0.5
+        keep = det["scores"] >= getattr(args, "plot_threshold", 0.5)
         info = coco.loadImgs(int(target["image_id"]))[0]
         pil = load_rgb(str(Path(dataset_val.root) / info["file_name"]), (info["width"], info["height"]))
         pixels = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # (3, H, W) uint8
