@@ -3,6 +3,11 @@
 Parameter names and layout equal `torch.nn.MultiheadAttention` (`in_proj_weight` (3C, C) = [Wq; Wk; Wv],
 `in_proj_bias`, `out_proj`), so facebookresearch/detr transformer weights load unchanged. When query and key
 are the same tensor (DETR's self-attention: q = k = x + pos) their projections run as one matmul.
+
+Training with attention dropout on the CPU: SDPA's fused kernel has no dropout, so SDPA falls back to its math
+path, which keeps three (B, nh, N_q, N_k) float maps for backward (probabilities, dropout noise, dropped
+probabilities). `_DropoutAttention` computes the same thing (same formula, same random draws) but keeps only
+q, k, v and a bool keep-mask, and recomputes the probabilities in backward, as fused attention kernels do.
 """
 
 from __future__ import annotations
@@ -11,6 +16,45 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """dropout(softmax(q k^T / sqrt(d) + bias)) v, as SDPA's math path; saves q, k, v, bias and a bool keep-mask."""
+
+    @staticmethod
+    def _probs(q, k, bias):
+        sf = q.shape[-1] ** -0.25  # SDPA's math path scales q and k by sqrt(scale) each
+        qs, ks = q * sf, k * sf
+        s = qs @ ks.transpose(-2, -1)  # (B, nh, N_q, N_k)
+        if bias is not None:
+            s += bias
+        return torch._safe_softmax(s, -1), qs, ks, sf  # as SDPA: a row with every key masked gives zeros, not NaN
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, p: float):
+        attn, _, _, _ = _DropoutAttention._probs(q, k, bias)  # (B, nh, N_q, N_k)
+        noise = torch.empty_like(attn).bernoulli_(1 - p)  # the draw F.dropout / SDPA make
+        keep = noise.bool()
+        attn *= noise.div_(1 - p)
+        del noise
+        ctx.p = p
+        ctx.save_for_backward(q, k, v, bias, keep)
+        return attn @ v  # (B, nh, N_q, d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, bias, keep = ctx.saved_tensors
+        attn, qs, ks, sf = _DropoutAttention._probs(q, k, bias)  # recomputed, bit-identical to forward
+        scale = keep.to(attn.dtype).div_(1 - ctx.p)  # (B, nh, N_q, N_k): 0 or 1 / (1 - p)
+        dv = (attn * scale).transpose(-2, -1) @ dout  # (B, nh, N_k, d)
+        dattn = (dout @ v.transpose(-2, -1)).mul_(scale)  # (B, nh, N_q, N_k)
+        del scale
+        ds = torch._softmax_backward_data(dattn, attn, -1, attn.dtype)  # (B, nh, N_q, N_k)
+        del dattn, attn
+        dq = (ds @ ks).mul_(sf)  # (B, nh, N_q, d)
+        dk = (ds.transpose(-2, -1) @ qs).mul_(sf)  # (B, nh, N_k, d)
+        return dq, dk, dv, None, None
 
 
 class MultiheadAttention(nn.Module):
@@ -43,9 +87,16 @@ class MultiheadAttention(nn.Module):
         q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_q, hd)
         k = rearrange(k, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)
         v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)
-        attn_mask = None
-        if key_padding_mask is not None:
-            attn_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, N_k), True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)  # (B, nh, N_q, hd)
+        if self.training and self.dropout > 0 and q.device.type == "cpu" and torch.is_grad_enabled():
+            bias = None
+            if key_padding_mask is not None:  # (B, 1, 1, N_k) additive, -inf = ignore
+                bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+                bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
+            out = _DropoutAttention.apply(q, k, v, bias, self.dropout)  # (B, nh, N_q, hd)
+        else:
+            attn_mask = None
+            if key_padding_mask is not None:
+                attn_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, N_k), True = attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 dropout_p=self.dropout if self.training else 0.0)  # (B, nh, N_q, hd)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N_q, C)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -39,14 +40,15 @@ class HungarianMatcher(nn.Module):
         cost -= self.cost_class * prob[:, tgt_ids]
         cost -= self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
                                                      box_convert(tgt_boxes, "cxcywh", "xyxy"))
-        cost = cost.view(B, Q, -1).cpu()  # (B, Q, T_all)
-        if not torch.isfinite(cost).all():
+        cost = cost.view(B, Q, -1).cpu().numpy()  # (B, Q, T_all); numpy: no more tiny (threaded) torch ops
+        if not np.isfinite(cost).all():
             raise FloatingPointError("non-finite matching cost: the predicted boxes contain NaN or inf")
 
-        indices = []
-        for i, c in enumerate(cost.split(sizes, dim=-1)):  # c: (B, Q, T_i)
-            rows, cols = linear_sum_assignment(c[i].numpy())
+        indices, start = [], 0
+        for i, n in enumerate(sizes):  # image i: its queries against its own targets, (Q, T_i)
+            rows, cols = linear_sum_assignment(cost[i, :, start : start + n])
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            start += n
         return indices
 
 

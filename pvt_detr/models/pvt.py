@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from pvt_detr.models.mlp import Mlp
 from pvt_detr.models.patch_linear import PatchLinear
 from pvt_detr.models.sra import SpatialReductionAttention
 from pvt_detr.nested_tensor import NestedTensor, is_exporting, valid_sizes
@@ -38,21 +39,6 @@ def _bilinear_taps(out_len: torch.Tensor, size: int, in_len: int) -> tuple[torch
     i0 = src.long()  # (B, size), floor as src >= 0
     w1 = (src - i0).clamp(0, 1)  # (B, size)
     return i0.clamp(max=in_len - 1), (i0 + 1).clamp(max=in_len - 1), w1
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear, with dropout."""
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, C) -> (B, N, C)."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):

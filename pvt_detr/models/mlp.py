@@ -1,0 +1,125 @@
+"""PVT's transformer-block MLP (Linear -> GELU -> Linear) and a fused, token-chunked CPU implementation of it.
+
+On the CPU the plain MLP of the high-resolution stages is bound by memory, not arithmetic: at 800 x 1216 the
+stage-1 hidden activation is 60800 x 512 floats (124 MB), written by fc1, read and rewritten by GELU, read by
+fc2, every pass on freshly page-faulted memory. `gelu_mlp` instead walks the tokens in cache-sized chunks
+(fc1 -> GELU in place -> fc2 per chunk). In training it saves only the input and the fc1 pre-activation for
+backward and recomputes GELU chunk by chunk there (an elementwise op, no matmul is recomputed), so neither the
+GELU output nor any hidden-sized gradient is ever materialised whole. Same function, same parameters and
+checkpoint keys as the plain module; results equal up to float rounding. Plain ops are used off the CPU, under
+autocast, with dropout in training, while exporting, and in training below MIN_FUSED_BYTES (where they are as fast).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pvt_detr.nested_tensor import is_exporting
+
+# Hidden-activation bytes per chunk and per thread (each op splits a chunk's rows over the threads): the fastest of
+# 0.5 - 64 MiB in single-thread MLP and whole-model timings on this project's 2-core AVX-512 machine (2 MiB L2 per
+# core). Training touches more arrays per chunk (h, dh, the GELU recompute) than inference.
+CHUNK_BYTES_TRAIN = 1 << 21
+CHUNK_BYTES_INFER = 1 << 23
+MIN_FUSED_BYTES = 1 << 24  # training: below 16 MiB of hidden activation the plain ops are as fast (measured)
+
+
+def _chunk_rows(hidden_dim: int, element_size: int, chunk_bytes: int) -> int:
+    return max(64, chunk_bytes * torch.get_num_threads() // (hidden_dim * element_size))
+
+
+class _GeluMlpFunction(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) over (M, C) rows, chunked; saves x and the fc1 pre-activation h (M, H) only."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, rows: int):
+        M = x.shape[0]
+        h = torch.empty(M, w1.shape[0], dtype=x.dtype)  # (M, H), kept for backward
+        y = torch.empty(M, w2.shape[0], dtype=x.dtype)  # (M, C_out)
+        g = torch.empty(min(rows, M), w1.shape[0], dtype=x.dtype)  # (rows, H) GELU output, reused per chunk
+        for s in range(0, M, rows):
+            hc = torch.addmm(b1, x[s : s + rows], w1.t(), out=h[s : s + rows])  # (m, H)
+            gc = torch.ops.aten.gelu.out(hc, out=g[: hc.shape[0]])  # (m, H)
+            torch.addmm(b2, gc, w2.t(), out=y[s : s + rows])  # (m, C_out)
+        ctx.rows = rows
+        ctx.save_for_backward(x, h, w1, w2)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, h, w1, w2 = ctx.saved_tensors
+        dy = dy.contiguous()
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        M, rows = x.shape[0], ctx.rows
+        dx = torch.empty_like(x) if need_x else None
+        dw1 = torch.zeros_like(w1) if need_w1 else None
+        db1 = torch.zeros(w1.shape[0], dtype=h.dtype) if need_b1 else None
+        dw2 = torch.zeros_like(w2) if need_w2 else None
+        db2 = dy.sum(0) if need_b2 else None
+        buf = torch.empty(min(rows, M), w1.shape[0], dtype=h.dtype)  # (rows, H), reused per chunk
+        for s in range(0, M, rows):
+            hc, dyc = h[s : s + rows], dy[s : s + rows]  # (m, H), (m, C_out)
+            bc = buf[: hc.shape[0]]  # (m, H)
+            if need_w2:
+                dw2.addmm_(dyc.t(), torch.ops.aten.gelu.out(hc, out=bc))  # (C_out, H); GELU recomputed
+            dh = torch.ops.aten.gelu_backward.grad_input(torch.mm(dyc, w2, out=bc), hc, grad_input=bc)  # (m, H)
+            if need_b1:
+                db1 += dh.sum(0)
+            if need_w1:
+                dw1.addmm_(dh.t(), x[s : s + rows])  # (H, C)
+            if need_x:
+                torch.mm(dh, w1, out=dx[s : s + rows])  # (m, C)
+        return dx, dw1, db1, dw2, db2, None
+
+
+def _needs_grad(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad or fc2.weight.requires_grad)
+
+
+def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+    """fc2(GELU(fc1(x))) for x (..., C) on the CPU, chunked over tokens -> (..., C_out). Float32/64, no autocast."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (M, C)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if _needs_grad(x, fc1, fc2):
+        rows = _chunk_rows(fc1.out_features, x.element_size(), CHUNK_BYTES_TRAIN)
+        y = _GeluMlpFunction.apply(x2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, rows)  # (M, C_out)
+    else:
+        M = x2.shape[0]
+        rows = _chunk_rows(fc1.out_features, x.element_size(), CHUNK_BYTES_INFER)
+        y = torch.empty(M, fc2.out_features, dtype=x.dtype)  # (M, C_out)
+        buf = torch.empty(min(rows, M), fc1.out_features, dtype=x.dtype)  # (rows, H), reused: stays in cache
+        for s in range(0, M, rows):
+            hc = buf[: min(rows, M - s)]  # (m, H)
+            torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
+            torch.ops.aten.gelu_(hc)
+            torch.addmm(fc2.bias, hc, fc2.weight.t(), out=y[s : s + rows])  # (m, C_out)
+    return y.view(*lead, -1)  # (..., C_out)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear, with dropout; on the CPU without dropout it runs as the fused `gelu_mlp`."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not is_exporting()
+                and not torch.is_autocast_enabled("cpu") and (self.drop.p == 0 or not self.training)
+                and self.fc1.bias is not None and self.fc2.bias is not None):
+            return False
+        hidden_bytes = x.numel() // x.shape[-1] * self.fc1.out_features * x.element_size()
+        return hidden_bytes >= MIN_FUSED_BYTES or not _needs_grad(x, self.fc1, self.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C)."""
+        if self._fusable(x):
+            return gelu_mlp(x, self.fc1, self.fc2)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

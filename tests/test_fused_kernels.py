@@ -1,0 +1,92 @@
+"""The fused CPU kernels compute what the plain modules compute: chunked GELU MLP, dropout attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pvt_detr.models.mlp as mlp_module
+from pvt_detr.attention import MultiheadAttention, _DropoutAttention
+from pvt_detr.models.mlp import Mlp
+
+
+def _plain(m: Mlp, x: torch.Tensor) -> torch.Tensor:
+    return m.fc2(F.gelu(m.fc1(x)))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several chunks with a ragged last one even for tiny inputs, and the fused path at any size."""
+    monkeypatch.setattr(mlp_module, "CHUNK_BYTES_TRAIN", 40 * 8 * 8)
+    monkeypatch.setattr(mlp_module, "CHUNK_BYTES_INFER", 70 * 8 * 8)
+    monkeypatch.setattr(mlp_module, "MIN_FUSED_BYTES", 0)
+
+
+def test_fused_mlp_equals_plain_forward_and_gradients(small_chunks):
+    m = Mlp(6, 8).double().train()
+    x = torch.randn(2, 150, 6, dtype=torch.float64, requires_grad=True)
+    assert m._fusable(x)
+    y, ref = m(x), _plain(m, x)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    params = [x, *m.parameters()]
+    for got, expected in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(got, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), ref)
+
+
+def test_fused_mlp_gradcheck_and_frozen_weights(small_chunks):
+    m = Mlp(3, 5).double()
+    x = torch.randn(1, 130, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: m(x), (x, *m.parameters()))
+    m.requires_grad_(False)  # only the input needs a gradient (a frozen backbone stage)
+    (gx,) = torch.autograd.grad(m(x).sum(), x)
+    (gx_ref,) = torch.autograd.grad(_plain(m, x).sum(), x)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+def test_mlp_falls_back_to_plain_ops_with_dropout_in_training():
+    m = Mlp(4, 8, drop=0.5).train()
+    x = torch.randn(1, 3, 4)
+    with torch.no_grad():
+        assert not m._fusable(x)  # dropout is active
+        assert m.eval()._fusable(x)  # inference: any size
+    assert not m._fusable(x)  # training below MIN_FUSED_BYTES: plain ops
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dropout_attention_is_sdpa_math_path_with_the_same_random_draws(padded):
+    attn = MultiheadAttention(32, 4, dropout=0.3).train()
+    q, kv = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 7, 32, requires_grad=True)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    if padded:
+        pad[1, 4:] = True
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+
+    def heads(t, i):  # (B, N, C) -> (B, nh, N, hd) through projection i of q, k, v
+        return F.linear(t, w[32 * i : 32 * (i + 1)], b[32 * i : 32 * (i + 1)]).unflatten(-1, (4, 8)).transpose(1, 2)
+
+    torch.manual_seed(7)
+    got = attn(q, kv, kv, pad if padded else None)
+    torch.manual_seed(7)
+    out = F.scaled_dot_product_attention(heads(q, 0), heads(kv, 1), heads(kv, 2), attn_mask=~pad[:, None, None, :],
+                                         dropout_p=0.3)
+    expected = attn.out_proj(out.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(got)
+    params = [q, kv, *attn.parameters()]
+    for a, e in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(expected, params, g)):
+        torch.testing.assert_close(a, e)
+
+
+def test_dropout_attention_gradcheck():
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([0.0, 0.0, float("-inf"), 0.0, 0.0], dtype=torch.float64).view(1, 1, 1, 5)
+
+    def fn(q, k, v):
+        torch.manual_seed(3)  # the same dropout draw for every evaluation
+        return _DropoutAttention.apply(q, k, v, bias, 0.4)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
