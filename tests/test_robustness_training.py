@@ -465,3 +465,28 @@ def test_kill_9_at_random_points_then_resume_auto_gives_the_uninterrupted_run(re
     assert proc.returncode == 0, (history, proc.stdout[-2000:] + proc.stderr[-2000:])
     assert not [p for p in out.iterdir() if TEMP_NAME.match(p.name)]
     assert_same_run(out, ref_out)
+
+
+@pytest.mark.slow
+def test_a_crash_between_the_epoch_checkpoint_and_its_log_entry_is_finished_on_resume(reference, tmp_path):
+    """kill -9 during the last epoch's evaluation leaves checkpoint.pth at epoch 2 and log.txt without epoch 1:
+    --resume auto evaluates and logs epoch 1 (from the checkpoint's train stats) and trains nothing more."""
+    import shutil
+
+    data, ref_out = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    (out / "log.txt").write_text(json.dumps(_log(ref_out)[0]) + "\n")
+    (out / "final_stats.json").unlink()
+    proc = subprocess.run(_main_command(data, out, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "epoch 1: train loss" in proc.stdout
+    assert_same_run(out, ref_out)
+    assert json.loads((out / "final_stats.json").read_text()) == json.loads((ref_out / "final_stats.json").read_text())
+    again = subprocess.run(_main_command(data, out, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)  # the log is complete now: nothing is evaluated twice or logged twice
+    assert again.returncode == 0 and "epoch 1: train loss" not in again.stdout
+    assert [e["epoch"] for e in _log(out)] == [0, 1]
+    final_stats = json.loads((out / "final_stats.json").read_text())  # kept, not overwritten by an empty run
+    assert final_stats == json.loads((ref_out / "final_stats.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -102,7 +103,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                                             epoch=epoch, step=step, total=total, clip_max_norm=clip_max_norm,
                                             amp=amp, scaler=scaler, max_nonfinite_steps=max_nonfinite_steps,
                                             totals=totals)
-        lr_scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step still advances the schedule, by design
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            lr_scheduler.step()
         if progress:
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if on_step is not None and not empty:

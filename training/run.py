@@ -33,7 +33,7 @@ from training.checkpoint import (
 )
 from training.config import config_dict, save_config
 from training.engine import NonFiniteLossError, evaluate, progress_enabled, train_one_epoch
-from training.logs import TensorBoardLogger, append_log, plot_curves, truncate_log
+from training.logs import TensorBoardLogger, append_log, plot_curves, read_log, truncate_log
 from training.optim import build_lr_scheduler, build_optimizer
 from training.preemption import PreemptionHandler
 from training.sampling import EpochSeededDataset, ResumableSampler
@@ -220,8 +220,11 @@ def _run(args, preemption: PreemptionHandler) -> dict:
                 **({"epoch_totals": totals} if totals is not None else {}),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
-    def save(epoch: int, step: int, extra_name: str | None = None, totals: dict | None = None) -> None:
+    def save(epoch: int, step: int, extra_name: str | None = None, totals: dict | None = None,
+             finished: dict | None = None) -> None:
         state = checkpoint_state(epoch, step, totals)  # collective: every rank takes part
+        if finished is not None:  # the finished epoch's train stats, to log it on resume if a crash came first
+            state["finished_epoch_stats"] = finished
         if output_dir is not None and main_process:
             save_checkpoint(state, output_dir / "checkpoint.pth")
             if extra_name:
@@ -246,24 +249,9 @@ def _run(args, preemption: PreemptionHandler) -> dict:
     eval_every = getattr(args, "eval_every", 1)
     if eval_every < 1:
         raise RunError(f"--eval_every must be >= 1, got {eval_every}")
-    stats: dict = {}
-    print(f"training {args.epochs} epochs from epoch {start_epoch} ({iters_per_epoch} steps/epoch)")
-    run_start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        train_set.set_epoch(epoch)
-        sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
-        base_step = epoch * iters_per_epoch + start_step
-        train_stats = train_one_epoch(
-            model, criterion, loader_train, optimizer, lr_scheduler, device, epoch,
-            clip_max_norm=args.clip_max_norm, amp=args.amp, scaler=scaler, start_step=start_step,
-            max_nonfinite_steps=args.max_nonfinite_steps, max_bad_images=int(args.max_bad_images * len(train_set)),
-            totals=start_totals, progress=progress, should_stop=should_stop,
-            on_stop=lambda steps, totals, e=epoch: on_stop(e, steps, totals),
-            on_step=lambda s, v, b=base_step - start_step: tb.step(b + s, v))
-        start_step, start_totals = 0, None
-        # DETR's convention: checkpoint.pth every epoch, and a numbered copy before the LR drop.
-        extra = f"checkpoint{epoch:04}.pth" if epoch + 1 == args.lr_drop else None
-        save(epoch + 1, 0, extra)
+
+    def finish_epoch(epoch: int, train_stats: dict) -> dict:
+        """Evaluates if due, appends the epoch's log.txt entry and prints it; returns the COCO stats or {}."""
         # Evaluate every --eval_every epochs and after the last one.
         evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == args.epochs
         test_stats = {}
@@ -272,7 +260,6 @@ def _run(args, preemption: PreemptionHandler) -> dict:
                                      progress=progress,
                                      results_path=output_dir / "results_val.json" if output_dir else None,
                                      image_ids=dataset_val.ids)
-            stats = test_stats
         entry = {**{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"test_{k}": v for k, v in test_stats.items()
                     if k in ("coco_eval_bbox", "bad_images") or k.startswith("loss")},
@@ -287,11 +274,39 @@ def _run(args, preemption: PreemptionHandler) -> dict:
         bad = f", {train_stats['bad_images']} unreadable images skipped" if train_stats.get("bad_images") else ""
         print(f"epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}{ap}{bad} "
               f"({time.time() - run_start:.0f} s)", flush=True)
+        return test_stats
+
+    stats: dict = {}
+    run_start = time.time()
+    if resume_path is not None and start_step == 0 and "finished_epoch_stats" in state:
+        # A crash between the epoch-end checkpoint and its log entry (e.g. during evaluation) would otherwise
+        # leave the epoch out of log.txt: finish it now. Rank 0's log decides, so every rank evaluates or none.
+        done = int(main_process and output_dir is not None
+                   and any(e.get("epoch") == start_epoch - 1 for e in read_log(output_dir)))
+        if not dist_utils.all_gather_object(done)[0] and start_epoch >= 1:
+            stats = finish_epoch(start_epoch - 1, state["finished_epoch_stats"])
+    print(f"training {args.epochs} epochs from epoch {start_epoch} ({iters_per_epoch} steps/epoch)")
+    for epoch in range(start_epoch, args.epochs):
+        train_set.set_epoch(epoch)
+        sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
+        base_step = epoch * iters_per_epoch + start_step
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, lr_scheduler, device, epoch,
+            clip_max_norm=args.clip_max_norm, amp=args.amp, scaler=scaler, start_step=start_step,
+            max_nonfinite_steps=args.max_nonfinite_steps, max_bad_images=int(args.max_bad_images * len(train_set)),
+            totals=start_totals, progress=progress, should_stop=should_stop,
+            on_stop=lambda steps, totals, e=epoch: on_stop(e, steps, totals),
+            on_step=lambda s, v, b=base_step - start_step: tb.step(b + s, v))
+        start_step, start_totals = 0, None
+        # DETR's convention: checkpoint.pth every epoch, and a numbered copy before the LR drop.
+        extra = f"checkpoint{epoch:04}.pth" if epoch + 1 == args.lr_drop else None
+        save(epoch + 1, 0, extra, finished=train_stats)
+        stats = finish_epoch(epoch, train_stats) or stats
         if epoch + 1 < args.epochs and should_stop():  # a signal during the epoch's last step or its evaluation
             on_stop(epoch + 1, 0, None)
     preemption.uninstall()
     tb.close()
-    if output_dir is not None and main_process:
+    if output_dir is not None and main_process and stats:  # a resumed, already finished run keeps its stats
         (output_dir / "final_stats.json").write_text(json.dumps(stats, indent=1))
     _draw_predictions(args, model_without_ddp, postprocessors, dataset_val, names, device, output_dir)
     dist_utils.cleanup()
