@@ -6,6 +6,8 @@ the training engine), so this module never touches torch.distributed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,19 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
+        # Set by a distributed training engine: averages a tensor over processes. The class-weighted CE is then
+        # normalised by the mean weight sum over processes rather than this process's own, so that N processes
+        # (gradients averaged by DDP) compute exactly the one-process loss of the global batch. Training only.
+        self.process_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _weighted_ce(self, logits: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of (B, Q, K+1) logits, weighted by `empty_weight`, divided by the weight sum."""
+        per_query = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight,
+                                    reduction="none")  # (B, Q), already multiplied by the class weights
+        weight_sum = self.empty_weight[target_classes].sum().detach()
+        if self.process_mean is not None and self.training:
+            weight_sum = self.process_mean(weight_sum)
+        return per_query.sum() / weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float, log: bool) -> dict:
         logits = outputs["pred_logits"]  # (B, Q, K+1)
@@ -35,7 +50,7 @@ class SetCriterion(nn.Module):
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])  # (M,)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = target_classes_o  # (B, Q)
-        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)}
+        losses = {"loss_ce": self._weighted_ce(logits, target_classes)}
 
         src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4) cxcywh
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()  # (M, 4) cxcywh

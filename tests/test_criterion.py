@@ -49,6 +49,26 @@ def test_num_boxes_normalises_box_losses():
     assert l4["loss_ce"].item() == pytest.approx(l1["loss_ce"].item())
 
 
+def test_process_mean_makes_the_mean_of_per_process_ce_losses_the_global_batch_loss():
+    """Two "processes" holding one image each: with `process_mean` giving the mean of their weight sums (what the
+    distributed engine all-reduces), the mean of their CE losses (what DDP's gradient averaging optimises) is the
+    one-process CE of both images; with each process's own weight sum (DETR's) it is not."""
+    outputs, targets = _two_image_example()
+    full = SetCriterion(2, HungarianMatcher(), {}, eos_coef=0.1)(outputs, targets)["loss_ce"].item()
+    halves = [({k: v[i:i + 1] for k, v in outputs.items()}, targets[i:i + 1]) for i in range(2)]
+    weight_sums = [1.1, 0.2]  # image 0: a match (1.0) + a no-object (0.1); image 1: two no-objects
+    per_process, own = [], []
+    for out, tgt in halves:
+        criterion = SetCriterion(2, HungarianMatcher(), {}, eos_coef=0.1)
+        own.append(criterion(out, tgt)["loss_ce"].item())
+        criterion.process_mean = lambda w: torch.tensor(sum(weight_sums) / 2)
+        per_process.append(criterion(out, tgt)["loss_ce"].item())
+        criterion.eval()  # evaluation losses stay per process (no collective outside training)
+        assert criterion(out, tgt)["loss_ce"].item() == pytest.approx(own[-1], rel=1e-6)
+    assert sum(per_process) / 2 == pytest.approx(full, rel=1e-6)
+    assert abs(sum(own) / 2 - full) > 0.1
+
+
 def test_label_out_of_range_is_a_clear_error():
     outputs, targets = _two_image_example()
     targets[0]["labels"] = torch.tensor([5])

@@ -9,11 +9,9 @@ import pytest
 import torch
 from test_main_cli import ROOT, TINY
 
-# 12 training images, global batch 4 -> 3 steps; no dropout so that per-rank seeds do not matter. eos_coef 1: DETR's
-# class-weighted cross-entropy is normalised by each process's own weight sum, so with eos_coef != 1 the mean of the
-# two ranks' losses is not the one-process loss (as in DETR); with equal weights it is, and the runs must agree.
-FLAGS = [*TINY, "--epochs", "1", "--dropout", "0", "--drop_path", "0", "--device", "cpu", "--num_threads", "1",
-         "--eos_coef", "1.0"]
+# 12 training images, global batch 4 -> 3 steps; no dropout so that per-rank seeds do not matter. DETR's default
+# eos_coef 0.1: the class-weighted cross-entropy is normalised by the global weight sum, so it must agree too.
+FLAGS = [*TINY, "--epochs", "1", "--dropout", "0", "--drop_path", "0", "--device", "cpu", "--num_threads", "1"]
 
 
 def _env():
@@ -44,13 +42,17 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     log_one = json.loads((one / "log.txt").read_text().splitlines()[-1])
     log_two = json.loads((two / "log.txt").read_text().splitlines()[-1])
     assert log_one["train_steps"] == log_two["train_steps"] == 3
-    diffs = []
-    for key, value in single["model"].items():
-        diffs.append(((double["model"][key] - value).abs().max() / value.abs().max().clamp_min(1e-12)).item())
-    # Float reduction order differs (all-reduce of two half-batch gradients vs one batch), and AdamW's first steps
-    # normalise every gradient component, which amplifies that noise for near-zero components: observed ~1e-4 of each
-    # tensor's scale after 3 steps. A real mismatch (e.g. eos_coef 0.1, or different batches) gives differences > 1.
-    assert max(diffs) < 1e-3, max(diffs)
+    # Every logged training loss (the class-weighted CE included) is the one-process value of the global batch.
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou"):
+        assert log_two[key] == pytest.approx(log_one[key], rel=1e-6), key
+    # The whole parameter vector agrees within 1e-6 relative (observed ~2e-8). Single tensors agree less tightly
+    # where a gradient is float noise around an exact zero (attention key biases, whose gradient vanishes since
+    # softmax ignores a per-query shift) and AdamW normalises it to a step of +-lr: observed <= 1e-4 of the norm.
+    diff = torch.cat([(double["model"][k] - v).flatten().double() for k, v in single["model"].items()]).norm()
+    scale = torch.cat([v.flatten().double() for v in single["model"].values()]).norm()
+    assert diff / scale < 1e-6, (diff / scale).item()
+    worst = max(((double["model"][k] - v).norm() / v.norm()).item() for k, v in single["model"].items())
+    assert worst < 1e-3, worst
     # Evaluation over 2 ranks (predictions gathered, scored once) gives the single process's 12 COCO stats.
     assert log_two["test_coco_eval_bbox"] == pytest.approx(log_one["test_coco_eval_bbox"], abs=1e-6)
     assert len(log_one["test_coco_eval_bbox"]) == 12

@@ -310,6 +310,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over all processes (`tensor` itself with one process)."""
+    world_size = get_world_size()
+    return tensor if world_size == 1 else all_reduce_sum(tensor) / world_size
+
+
 def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
     """DETR's reduce_dict: {name: scalar tensor} summed (or averaged) over all processes, same keys."""
     world_size = get_world_size()

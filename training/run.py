@@ -22,6 +22,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from datasets import DatasetError, build_dataset, collate_fn, get_coco_api_from_dataset, num_classes_from_coco
 from pvt_detr import build_model, load_detr_checkpoint, load_pvt_checkpoint
 from pvt_detr.checkpoints import CheckpointError
+from pvt_detr.criterion import SetCriterion
 from training import distributed as dist_utils
 from training.checkpoint import (
     describe_mismatch,
@@ -147,6 +148,10 @@ def _run(args, preemption: PreemptionHandler) -> dict:
         print(f"fine-tuning from {args.finetune}: {report}".replace("\n", "; "))
     model.to(device)
     criterion.to(device)
+    if args.distributed:  # the class-weighted CE normalised over the global batch, as in one process
+        for module in criterion.modules():
+            if isinstance(module, SetCriterion):
+                module.process_mean = dist_utils.mean_over_processes
     model_without_ddp = model
     if args.distributed:
         # Backbone stages after the last one DETR reads (e.g. --backbone_stages 3) exist for checkpoint
