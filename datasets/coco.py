@@ -19,10 +19,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.ops import box_area
@@ -31,6 +30,7 @@ from torchvision.transforms.v2 import functional as F
 
 from datasets.errors import UnreadableImageError
 from datasets.validation import validate_coco_file
+from pvt_detr.image_io import ImageReadError, read_image
 
 
 def per_box_fields(inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -83,7 +83,6 @@ def to_detr_target(image: torch.Tensor, target: dict) -> dict:
     return out
 
 
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL modes of 16-bit (and 32-bit int) images
 _warned: set[str] = set()  # files already warned about in this process
 
 
@@ -94,49 +93,15 @@ def warn_once(path: str, message: str) -> None:
         sys.stderr.write(f"warning: {message}\n")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, P, RGBA, LA, CMYK, YCbCr, I;16, I, F, ...) -> 8-bit RGB."""
-    if image.mode in SIXTEEN_BIT_MODES:  # PIL's own conversion clips 16-bit values at 255
-        values = np.asarray(image, dtype=np.float64)  # (H, W) in 0..65535
-        return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-    return image.convert("RGB")
-
-
 def load_rgb(path: str, expected_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decodes any PIL-readable image as 8-bit RGB, in its displayed orientation (EXIF orientation applied).
-
-    expected_size: (width, height) from the annotation file, whose boxes are in the displayed frame (COCO's
-    convention). If only the stored frame has that size, the orientation tag is ignored (the annotations were
-    made on the stored pixels); if neither has it, the image is resized to it. Both cases warn once.
+    """Decodes a dataset image as 8-bit RGB in its displayed orientation, fitted to the annotation's
+    (width, height) (see `pvt_detr.image_io.read_image`; each fix warns once per file).
     Raises UnreadableImageError (naming the file) for a missing, truncated or corrupt file.
     """
     try:
-        with Image.open(path) as stored:
-            stored.load()  # decode now: truncated and corrupt files fail here
-            try:
-                image = ImageOps.exif_transpose(stored)
-            except Exception as err:  # a corrupt EXIF block: PIL raises anything from ValueError to struct.error
-                warn_once(path, f"{path}: unreadable EXIF orientation ({err}); using the stored frame")
-                image = stored
-            if expected_size is not None and image.size != tuple(expected_size):
-                w, h = expected_size
-                if stored.size == (w, h):
-                    warn_once(path, f"{path}: annotated as {w}x{h}, the stored frame; EXIF orientation ignored")
-                    image = stored
-                else:
-                    warn_once(path, f"{path}: image is {image.width}x{image.height} but annotated as {w}x{h}; "
-                                    "resized to the annotation's size")
-                    image = image.resize((int(w), int(h)), Image.BILINEAR)
-            return _to_rgb(image)
-    except FileNotFoundError:
-        raise UnreadableImageError(f"cannot read image {path}: no such file") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        # OSError covers PIL.UnidentifiedImageError and truncated files
-        raise UnreadableImageError(f"cannot read image {path}: {err}") from None
+        return read_image(path, expected_size, warn=warn_once)
+    except ImageReadError as err:
+        raise UnreadableImageError(str(err)) from None
 
 
 class CocoDetection(torchvision.datasets.VisionDataset):

@@ -20,31 +20,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from pvt_detr.checkpoints import CheckpointError, load_detr_checkpoint, load_state_file
 from pvt_detr.detr import build_model
+from pvt_detr.image_io import ImageReadError, read_image, to_rgb  # noqa: F401  (ImageReadError: part of this API)
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
 from pvt_detr.preprocess import build_eval_transform
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL modes of 16-bit (and 32-bit int) images
-
-
-class ImageReadError(OSError):
-    """An image file that cannot be decoded; the message is one line naming the file."""
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, P, RGBA, LA, CMYK, I;16, I, F, ...) -> 8-bit RGB, as datasets/coco.py converts."""
-    if image.mode in SIXTEEN_BIT_MODES:  # PIL's own conversion clips 16-bit values at 255
-        values = np.asarray(image, dtype=np.float64)  # (H, W) in 0..65535
-        return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-    return image.convert("RGB")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -52,21 +35,7 @@ def load_image(path: str | Path) -> Image.Image:
 
     A corrupt EXIF block leaves the stored frame. Raises ImageReadError for a missing, truncated or corrupt file.
     """
-    try:
-        with Image.open(path) as stored:
-            stored.load()  # decode now: truncated and corrupt files fail here
-            try:
-                image = ImageOps.exif_transpose(stored)
-            except Exception:  # a corrupt EXIF block: PIL raises anything from ValueError to struct.error
-                image = stored
-            return to_rgb(image)
-    except FileNotFoundError:
-        raise ImageReadError(f"cannot read image {path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"cannot read image {path}: is a folder") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ImageReadError(f"cannot read image {path}: {message}") from None
+    return read_image(path)
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:

@@ -13,7 +13,7 @@ CLI_EXTRA = {"argparse", "json", "sys", "os", "time", "statistics", "subprocess"
              "tempfile", "shutil", "platform", "io", "onnx", "onnxruntime", "threading", "inference"}
 # The inference API decodes image files (PIL, as datasets/coco.py does) and rebuilds a model from a checkpoint's
 # config (types.SimpleNamespace); it parses no arguments and prints nothing.
-IMAGE_IO_MODULES = {"inference.py"}
+IMAGE_IO_MODULES = {"inference.py", "image_io.py"}
 IMAGE_IO_EXTRA = {"PIL", "types"}
 
 
