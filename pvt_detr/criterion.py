@@ -43,14 +43,23 @@ class SetCriterion(nn.Module):
             weight_sum = self.process_mean(weight_sum)
         return per_query.sum() / weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
 
+    def _class_loss(self, logits: torch.Tensor, batch_idx: torch.Tensor, src_idx: torch.Tensor,
+                    target_classes_o: torch.Tensor, num_boxes: float) -> torch.Tensor:
+        """Class loss of (B, Q, K+1) logits given the matched (image, query) pairs and their classes."""
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, src_idx] = target_classes_o  # (B, Q)
+        return self._weighted_ce(logits, target_classes)
+
+    def _num_predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) queries per image predicting an object (argmax is not the no-object class)."""
+        return (logits.argmax(-1) != self.num_classes).sum(1).float()
+
     def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float, log: bool) -> dict:
-        logits = outputs["pred_logits"]  # (B, Q, K+1)
+        logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) for sigmoid heads
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)  # (M,)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])  # (M,)
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[batch_idx, src_idx] = target_classes_o  # (B, Q)
-        losses = {"loss_ce": self._weighted_ce(logits, target_classes)}
+        losses = {"loss_ce": self._class_loss(logits, batch_idx, src_idx, target_classes_o, num_boxes)}
 
         src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4) cxcywh
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()  # (M, 4) cxcywh
@@ -65,9 +74,8 @@ class SetCriterion(nn.Module):
                     losses["class_error"] = 100.0 - 100.0 * correct
                 else:
                     losses["class_error"] = torch.tensor(0.0, device=logits.device)
-                n_pred = (logits.argmax(-1) != self.num_classes).sum(1).float()  # (B,)
                 n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.float, device=logits.device)
-                losses["cardinality_error"] = F.l1_loss(n_pred, n_tgt)
+                losses["cardinality_error"] = F.l1_loss(self._num_predicted(logits), n_tgt)
         return losses
 
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
@@ -112,33 +120,18 @@ class SigmoidFocalSetCriterion(SetCriterion):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float, log: bool) -> dict:
-        logits = outputs["pred_logits"].float()  # (B, Q, K)
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
-        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)  # (M,)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])  # (M,)
+    def _class_loss(self, logits: torch.Tensor, batch_idx: torch.Tensor, src_idx: torch.Tensor,
+                    target_classes_o: torch.Tensor, num_boxes: float) -> torch.Tensor:
+        """Sigmoid focal loss of (B, Q, K) logits against one-hot matched classes, summed, / num_boxes."""
+        logits = logits.float()
         onehot = torch.zeros_like(logits)  # (B, Q, K)
         onehot[batch_idx, src_idx, target_classes_o] = 1.0
-        losses = {"loss_ce": sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
-                                                reduction="sum") / num_boxes}
+        return sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                  reduction="sum") / num_boxes
 
-        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4) cxcywh
-        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()  # (M, 4) cxcywh
-        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
-        losses["loss_giou"] = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
-                                                       box_convert(tgt_boxes, "cxcywh", "xyxy"),
-                                                       reduction="sum") / num_boxes
-        if log:
-            with torch.no_grad():
-                if len(src_idx):
-                    correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes_o).float().mean()
-                    losses["class_error"] = 100.0 - 100.0 * correct
-                else:
-                    losses["class_error"] = torch.tensor(0.0, device=logits.device)
-                n_pred = (logits.max(-1).values > 0).sum(1).float()  # (B,) queries with a class probability > 0.5
-                n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.float, device=logits.device)
-                losses["cardinality_error"] = F.l1_loss(n_pred, n_tgt)
-        return losses
+    def _num_predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) queries per image with a class probability > 0.5."""
+        return (logits.max(-1).values > 0).sum(1).float()
 
 
 class GroupSetCriterion(nn.Module):
