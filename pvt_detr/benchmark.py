@@ -61,6 +61,7 @@ def build_ours(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Modu
     return model, criterion
 
 
+build_ours.adamw_kwargs = {"fused": True}  # the optimizer training/optim.py builds (the official code: the default)
 DESIGNS: dict[str, Callable] = {"ours": build_ours}
 
 
@@ -110,13 +111,14 @@ def _targets(batch: int, per_image: int, num_classes: int = 91) -> list[dict]:
     return out
 
 
-def _train_step_fn(model, criterion, batch: int, hw: tuple[int, int], args) -> Callable[[], float]:
+def _train_step_fn(model, criterion, batch: int, hw: tuple[int, int], args,
+                   adamw_kwargs: dict | None = None) -> Callable[[], float]:
     """forward + weighted loss + backward + AdamW step (backbone at lr_backbone, as in main.py)."""
     model.train()
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": args.lr_backbone}], lr=args.lr,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, **(adamw_kwargs or {}))
     samples, targets = _images(batch, hw), _targets(batch, 8)
 
     def step() -> float:
@@ -145,6 +147,7 @@ class _FlopCount(TorchDispatchMode):
             lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
         self.formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(
             lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
+        self.formulas[aten.addmm_] = self.formulas[aten.addmm]  # in-place residual sums of inference blocks
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -177,7 +180,7 @@ def measure(name: str, build: Callable, args: argparse.Namespace, repeats: int, 
         result["matmul_gflops"] = statistics.median([result.pop("matmul_gflops_before"), matmul_gflops()])
     elif name in ("train", "memory"):
         batch, hw = (2, SIZES["512"]) if name == "train" else (1, SIZES["800"])
-        step = _train_step_fn(model, criterion, batch, hw, args)
+        step = _train_step_fn(model, criterion, batch, hw, args, getattr(build, "adamw_kwargs", None))
         n = repeats if name == "train" else min(repeats, 2)
         result.update(_timed(step, n, max(warmup, 1)))  # the first step allocates AdamW's state
     elif name == "flops":
@@ -187,7 +190,7 @@ def measure(name: str, build: Callable, args: argparse.Namespace, repeats: int, 
                 samples = _images(1, hw)
                 result[f"flops_{key}"] = _count_flops(lambda s=samples: model(s))
                 result[f"backbone_flops_{key}"] = _count_flops(lambda s=samples: model.backbone(s.tensors))
-        step = _train_step_fn(model, criterion, 2, SIZES["512"], args)
+        step = _train_step_fn(model, criterion, 2, SIZES["512"], args, getattr(build, "adamw_kwargs", None))
         result["flops_train"] = _count_flops(step)
         result["matmul_gflops"] = matmul_gflops(repeats=max(repeats, 5))
     elif name == "matcher":

@@ -90,3 +90,28 @@ def test_dropout_attention_gradcheck():
         return _DropoutAttention.apply(q, k, v, bias, 0.4)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_inplace_inference_block_equals_the_plain_block(small_chunks, sr_ratio):
+    """The inference path that adds both residuals into the caller's tensor computes the plain block's output,
+    is taken only when asked, without autograd and in eval mode, and leaves the input alone otherwise."""
+    from pvt_detr.models.pvt import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 2, 4.0, sr_ratio, drop_path=0.1).eval()
+    x = torch.randn(2, 6 * 10, 32)
+    with torch.no_grad():
+        plain = block(x, (6, 10))
+        owned = x.clone()
+        fused = block(owned, (6, 10), inplace=True)
+    assert fused.data_ptr() == owned.data_ptr()  # written into the caller's tensor
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(plain, x)
+    untouched = x.clone()
+    block(untouched, (6, 10), inplace=True)  # autograd on: the plain path, input unchanged
+    assert torch.equal(untouched, x)
+    block.train()
+    with torch.no_grad():
+        block(untouched, (6, 10), inplace=True)  # training mode (drop path active): the plain path
+    assert torch.equal(untouched, x)

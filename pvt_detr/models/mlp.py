@@ -100,6 +100,21 @@ def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     return y.view(*lead, -1)  # (..., C_out)
 
 
+def gelu_mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+    """out += fc2(GELU(fc1(x))) in place, chunked over tokens, for out and x (..., C) on the CPU without autograd
+    (the residual sum of an inference block: no output tensor and no bias-broadcast copy). Returns out."""
+    out2, x2 = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, C_out), (M, C)
+    M = x2.shape[0]
+    rows = _chunk_rows(fc1.out_features, x.element_size(), CHUNK_BYTES_INFER)
+    buf = torch.empty(min(rows, M), fc1.out_features, dtype=x.dtype)  # (rows, H), reused: stays in cache
+    for s in range(0, M, rows):
+        hc = buf[: min(rows, M - s)]  # (m, H)
+        torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
+        torch.ops.aten.gelu_(hc)
+        out2[s : s + rows].add_(fc2.bias).addmm_(hc, fc2.weight.t())  # (m, C_out)
+    return out
+
+
 class Mlp(nn.Module):
     """Linear -> GELU -> Linear, with dropout; on the CPU without dropout it runs as the fused `gelu_mlp`."""
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from pvt_detr.models.mlp import Mlp
+from pvt_detr.models.mlp import Mlp, gelu_mlp_add_
 from pvt_detr.models.patch_linear import PatchLinear
 from pvt_detr.models.sra import SpatialReductionAttention
 from pvt_detr.nested_tensor import NestedTensor, is_exporting, valid_sizes
@@ -54,10 +54,25 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, C) -> (B, N, C)."""
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None = None,
+                inplace: bool = False) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C). inplace: the caller owns x and allows adding the residuals into it, which is
+        done on the CPU without autograd (fewer passes over the tokens and no new tensors; same result)."""
+        if inplace and self._can_add_inplace(x):
+            C = x.shape[-1]
+            proj = self.attn.proj
+            heads = self.attn.attend(self.norm1(x), hw, kv_mask).reshape(-1, C)  # (B*N, C)
+            x.view(-1, C).add_(proj.bias).addmm_(heads, proj.weight.t())  # x += proj(heads)
+            return gelu_mlp_add_(x, self.norm2(x), self.mlp.fc1, self.mlp.fc2)  # x += mlp(norm2(x))
         x = x + self.drop_path(self.attn(self.norm1(x), hw, kv_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _can_add_inplace(self, x: torch.Tensor) -> bool:
+        return (not self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and x.is_contiguous()
+                and not torch.is_grad_enabled() and not is_exporting() and not torch.is_autocast_enabled("cpu")
+                and self.attn.proj.bias is not None and self.mlp.fc1.bias is not None
+                and self.mlp.fc2.bias is not None)
 
 
 class PatchEmbed(nn.Module):
@@ -213,7 +228,7 @@ class PyramidVisionTransformer(nn.Module):
                 tokens = torch.cat([cls, tokens], dim=1)  # (B, 1 + N, C)
             kv_mask = self._kv_mask(i, (H, W), valid_hw)
             for blk in self.blocks[i]:
-                tokens = blk(tokens, (H, W), kv_mask)
+                tokens = blk(tokens, (H, W), kv_mask, inplace=True)  # tokens: a fresh tensor this loop owns
             if i == 3 and self.num_classes > 0:
                 yield i, tokens, valid_hw
                 return

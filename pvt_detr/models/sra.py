@@ -39,6 +39,10 @@ class SpatialReductionAttention(nn.Module):
 
         kv_mask: (B, N_kv) bool, True = key may be attended (None = all). Returns (B, N, C).
         """
+        return self.proj_drop(self.proj(self.attend(x, hw, kv_mask)))
+
+    def attend(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' outputs before the output projection `proj`: (B, N, C) -> (B, N, C)."""
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N, hd)
         if self.sr_ratio > 1:
             grid = x.view(x.shape[0], hw[0], hw[1], x.shape[2])  # (B, H, W, C)
@@ -47,5 +51,4 @@ class SpatialReductionAttention(nn.Module):
         attn_mask = None if kv_mask is None else kv_mask[:, None, None, :]  # (B, 1, 1, N_kv)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)  # (B, nh, N, hd)
-        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, C)
-        return self.proj_drop(self.proj(out))
+        return rearrange(out, "b h n d -> b n (h d)")  # (B, N, C)
