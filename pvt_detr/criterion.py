@@ -16,6 +16,13 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 from pvt_detr.matcher import HungarianMatcher
 
 
+def box_count(targets: list[dict], num_boxes: float | None) -> float:
+    """The box-loss normaliser: `num_boxes` (the global batch's target count) or this batch's, at least 1."""
+    if num_boxes is None:
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+    return max(float(num_boxes), 1.0)
+
+
 class SetCriterion(nn.Module):
     """Computes `loss_ce`, `loss_bbox`, `loss_giou` (+ `_{i}` per aux layer), `class_error`, `cardinality_error`."""
 
@@ -83,9 +90,7 @@ class SetCriterion(nn.Module):
 
         num_boxes: number of target boxes in the global batch (all processes); default: this batch's. Clamped >= 1.
         """
-        if num_boxes is None:
-            num_boxes = float(sum(len(t["labels"]) for t in targets))
-        num_boxes = max(float(num_boxes), 1.0)
+        num_boxes = box_count(targets, num_boxes)
         for t in targets:
             if len(t["labels"]) and not 0 <= int(t["labels"].min()) <= int(t["labels"].max()) < self.num_classes:
                 raise ValueError(f"target labels {t['labels'].tolist()} outside [0, num_classes={self.num_classes}); "
@@ -188,9 +193,7 @@ class DenoisingCriterion(nn.Module):
         dn = outputs.get("dn_outputs")
         if dn is None:
             return losses
-        if num_boxes is None:
-            num_boxes = float(sum(len(t["labels"]) for t in targets))
-        num_boxes = max(float(num_boxes), 1.0) * self.dn_groups
+        num_boxes = box_count(targets, num_boxes) * self.dn_groups
         indices = dn["indices"]
         losses.update({f"{k}_dn": v for k, v in self.base._losses(dn, targets, indices, num_boxes, log=False).items()})
         for i, aux in enumerate(dn.get("aux_outputs", [])):
@@ -217,9 +220,7 @@ class TwoStageCriterion(nn.Module):
         enc = outputs.get("enc_outputs")
         if enc is None:
             return losses
-        if num_boxes is None:
-            num_boxes = float(sum(len(t["labels"]) for t in targets))
-        num_boxes = max(float(num_boxes), 1.0) * self.repeat
+        num_boxes = box_count(targets, num_boxes) * self.repeat
         if self.repeat > 1:
             targets = [{**t, "labels": t["labels"].repeat(self.repeat), "boxes": t["boxes"].repeat(self.repeat, 1)}
                        for t in targets]

@@ -205,14 +205,14 @@ class DETR(nn.Module):
 
     def _token_boxes(self, mask: torch.Tensor, level: int) -> torch.Tensor:
         """Boxes (B, H*W, 4) cxcywh in [0, 1] centred on each token of a (B, H, W) level, of side anchor_size x
-        2^level; padding tokens get NaN (replaced, never selected)."""
+        2^level; padding tokens get a centred box (their scores are masked, so they are never selected)."""
         not_mask = (~mask).to(torch.float32)  # (B, H, W)
         y, x = not_mask.cumsum(1), not_mask.cumsum(2)  # (B, H, W)
         cy = (y - 0.5) / y[:, -1:, :].clamp(min=1)
         cx = (x - 0.5) / x[:, :, -1:].clamp(min=1)
         side = torch.full_like(cx, min(self.anchor_size * 2 ** level, 0.9))
         boxes = torch.stack([cx, cy, side, side], -1)  # (B, H, W, 4)
-        return boxes.masked_fill(mask[..., None], float("nan")).flatten(1, 2)
+        return boxes.masked_fill(mask[..., None], 0.5).flatten(1, 2)
 
     def _proposals(self, memory: torch.Tensor, mask: torch.Tensor | None, token_boxes: torch.Tensor):
         """Two-stage: per-token predictions ({pred_logits (B, N, K(+1)), pred_boxes (B, N, 4)}), the reference
@@ -220,7 +220,7 @@ class DETR(nn.Module):
         content queries (as in Efficient DETR)."""
         feats = self.enc_output(memory)  # (B, N, d)
         logits = self.enc_class_embed(feats)  # (B, N, K) or (B, N, K+1)
-        box_logits = self.enc_bbox_embed(feats) + inverse_sigmoid(token_boxes.nan_to_num(0.5))  # (B, N, 4)
+        box_logits = self.enc_bbox_embed(feats) + inverse_sigmoid(token_boxes)  # (B, N, 4)
         score = logits.max(-1).values if self.focal else 1 - logits.softmax(-1)[..., -1]  # (B, N)
         if mask is not None:
             score = score.masked_fill(mask, float("-inf"))

@@ -288,7 +288,7 @@ def _run(args, preemption: PreemptionHandler) -> dict:
         # leave the epoch out of log.txt: finish it now. Rank 0's log decides, so every rank evaluates or none.
         done = int(main_process and output_dir is not None
                    and any(e.get("epoch") == start_epoch - 1 for e in read_log(output_dir)))
-        if not dist_utils.all_gather_object(done)[0] and start_epoch >= 1:
+        if not dist_utils.all_gather_object(done)[0]:  # the checkpoint of epoch E's end holds epoch E + 1 >= 1
             stats = finish_epoch(start_epoch - 1, state["finished_epoch_stats"])
     print(f"training {args.epochs} epochs from epoch {start_epoch} ({iters_per_epoch} steps/epoch)")
     for epoch in range(start_epoch, args.epochs):

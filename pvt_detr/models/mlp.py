@@ -88,30 +88,30 @@ def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
         rows = _chunk_rows(fc1.out_features, x.element_size(), CHUNK_BYTES_TRAIN)
         y = _GeluMlpFunction.apply(x2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, rows)  # (M, C_out)
     else:
-        M = x2.shape[0]
-        rows = _chunk_rows(fc1.out_features, x.element_size(), CHUNK_BYTES_INFER)
-        y = torch.empty(M, fc2.out_features, dtype=x.dtype)  # (M, C_out)
-        buf = torch.empty(min(rows, M), fc1.out_features, dtype=x.dtype)  # (rows, H), reused: stays in cache
-        for s in range(0, M, rows):
-            hc = buf[: min(rows, M - s)]  # (m, H)
-            torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
-            torch.ops.aten.gelu_(hc)
-            torch.addmm(fc2.bias, hc, fc2.weight.t(), out=y[s : s + rows])  # (m, C_out)
+        y = torch.empty(x2.shape[0], fc2.out_features, dtype=x.dtype)  # (M, C_out)
+        _inference_chunks(x2, fc1, fc2, y, accumulate=False)
     return y.view(*lead, -1)  # (..., C_out)
+
+
+def _inference_chunks(x2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, out2: torch.Tensor, accumulate: bool) -> None:
+    """out2 (M, C_out) = (or += if accumulate) fc2(GELU(fc1(x2))) for x2 (M, C), chunk by chunk, no autograd."""
+    M = x2.shape[0]
+    rows = _chunk_rows(fc1.out_features, x2.element_size(), CHUNK_BYTES_INFER)
+    buf = torch.empty(min(rows, M), fc1.out_features, dtype=x2.dtype)  # (rows, H), reused: stays in cache
+    for s in range(0, M, rows):
+        hc = buf[: min(rows, M - s)]  # (m, H)
+        torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
+        torch.ops.aten.gelu_(hc)
+        if accumulate:  # a residual sum: no bias-broadcast copy, no output tensor
+            out2[s : s + rows].add_(fc2.bias).addmm_(hc, fc2.weight.t())  # (m, C_out)
+        else:
+            torch.addmm(fc2.bias, hc, fc2.weight.t(), out=out2[s : s + rows])  # (m, C_out)
 
 
 def gelu_mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     """out += fc2(GELU(fc1(x))) in place, chunked over tokens, for out and x (..., C) on the CPU without autograd
     (the residual sum of an inference block: no output tensor and no bias-broadcast copy). Returns out."""
-    out2, x2 = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, C_out), (M, C)
-    M = x2.shape[0]
-    rows = _chunk_rows(fc1.out_features, x.element_size(), CHUNK_BYTES_INFER)
-    buf = torch.empty(min(rows, M), fc1.out_features, dtype=x.dtype)  # (rows, H), reused: stays in cache
-    for s in range(0, M, rows):
-        hc = buf[: min(rows, M - s)]  # (m, H)
-        torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
-        torch.ops.aten.gelu_(hc)
-        out2[s : s + rows].add_(fc2.bias).addmm_(hc, fc2.weight.t())  # (m, C_out)
+    _inference_chunks(x.reshape(-1, x.shape[-1]), fc1, fc2, out.view(-1, out.shape[-1]), accumulate=True)
     return out
 
 
