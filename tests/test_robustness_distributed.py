@@ -81,3 +81,21 @@ def test_a_dead_or_hung_rank_makes_rank_0_exit_with_an_error_in_bounded_time(tmp
     assert last.startswith("error: rank 0: a distributed operation failed, another process probably died or timed "
                            f"out (--dist_timeout {DIST_TIMEOUT} s): "), last
     assert elapsed < DIST_TIMEOUT + 30, elapsed
+
+
+def test_gloo_peer_failures_without_a_backend_name_count_as_collective_failures():
+    """Errors gloo raises inside DDP's backward when a peer hangs ("Application timeout caused pair closure",
+    "Timed out waiting ... for recv") become the one-line distributed error; other errors stay tracebacks."""
+    import torch.distributed as dist
+
+    from training.run import _collective_failure
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        assert _collective_failure(RuntimeError("Application timeout caused pair closure"))
+        assert _collective_failure(RuntimeError("Timed out waiting 20000ms for recv operation to complete"))
+        assert _collective_failure(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error"))
+        assert not _collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    finally:
+        dist.destroy_process_group()
+    assert not _collective_failure(RuntimeError("Application timeout caused pair closure"))  # not distributed

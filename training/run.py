@@ -78,7 +78,10 @@ def _build_datasets(args):
 
 
 # In the text of the RuntimeErrors that gloo / NCCL collectives raise when a peer died or timed out.
-COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe")
+# Lower-case fragments of the errors gloo / NCCL raise when a peer died or hung. Some carry no backend name, e.g.
+# gloo's "Application timeout caused pair closure" from DDP's gradient all-reduce inside backward().
+COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "pair closure",
+                              "timed out")
 
 
 def _collective_failure(error: BaseException) -> bool:
