@@ -49,6 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate of the backbone")
     parser.add_argument("--backbone_stages", default="4", type=_int_list,
                         help="backbone stages feeding DETR (comma-separated, 1-4); the paper uses stage 4 only")
+    parser.add_argument("--sr_ratios", default=None, type=_int_list,
+                        help="spatial-reduction ratio of each of the 4 stages (comma-separated; default: the "
+                             "variant's 8,4,2,1); smaller ones give small images more keys; checkpoints keep theirs")
 
     # Transformer.
     parser.add_argument("--enc_layers", default=6, type=int, help="encoder layers")

@@ -321,6 +321,9 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "dn_groups", 0) < 0:
         raise ValueError(f"--dn_groups must be >= 0, got {args.dn_groups}")
+    sr_ratios = getattr(args, "sr_ratios", None)
+    if sr_ratios is not None and (len(sr_ratios) != 4 or any(r < 1 for r in sr_ratios)):
+        raise ValueError(f"--sr_ratios must be 4 ratios >= 1 (one per stage), got {sr_ratios}")
     if not 0 < getattr(args, "anchor_size", 0.25) < 1:
         raise ValueError(f"--anchor_size must be in (0, 1), got {args.anchor_size}")
 
@@ -329,8 +332,9 @@ def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """Builds (model, criterion, postprocessors) from the parsed flags of `main.get_args_parser()`."""
     _check_args(args)
     num_classes = args.num_classes if args.num_classes is not None else COCO_NUM_CLASSES
+    overrides = {} if getattr(args, "sr_ratios", None) is None else {"sr_ratios": tuple(args.sr_ratios)}
     backbone = build_backbone(args.backbone, drop_path_rate=args.drop_path,
-                              out_indices=tuple(s - 1 for s in args.backbone_stages))
+                              out_indices=tuple(s - 1 for s in args.backbone_stages), **overrides)
     transformer = Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
                               num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                               dropout=args.dropout, normalize_before=args.pre_norm)

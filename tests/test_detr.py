@@ -178,3 +178,18 @@ def test_invalid_config_values_are_clear_errors():
         small_model("--backbone_stages", "5")
     with pytest.raises(ValueError, match="nheads"):
         small_model("--nheads", "3")
+
+
+def test_sr_ratios_flag_sets_each_stage_and_rejects_bad_values():
+    default, _, _ = small_model()
+    model, _, _ = small_model("--sr_ratios", "2,1,1,1")
+    ratios = lambda m: [stage[0].attn.sr_ratio for stage in m.backbone.blocks]  # noqa: E731
+    assert ratios(default) == [8, 4, 2, 1] and ratios(model) == [2, 1, 1, 1]
+    # stage 1 of a 64 px image (16 x 16 tokens) now reads 8 x 8 reduced keys instead of 2 x 2
+    assert model.backbone.blocks[0][0].attn.sr.patch_size == 2 and not hasattr(model.backbone.blocks[1][0].attn, "sr")
+    with torch.no_grad():
+        out = model.eval()(torch.rand(1, 3, 64, 64))
+    assert torch.isfinite(out["pred_boxes"]).all()
+    for bad in ("2,1", "0,1,1,1"):
+        with pytest.raises(ValueError, match="sr_ratios"):
+            small_model("--sr_ratios", bad)

@@ -73,6 +73,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--max_bad_images must be a fraction in [0, 1), got {args.max_bad_images}")
     if any(s <= 0 for s in args.train_sizes):
         parser.error(f"--train_sizes must be positive, got {args.train_sizes}")
+    if args.sr_ratios is not None and (len(args.sr_ratios) != 4 or any(r < 1 for r in args.sr_ratios)):
+        parser.error(f"--sr_ratios must be 4 ratios >= 1 (one per stage), got {args.sr_ratios}")
     if any(s not in (1, 2, 3, 4) for s in args.backbone_stages):
         parser.error(f"--backbone_stages must be stage numbers 1-4, got {args.backbone_stages}")
     if args.hidden_dim % args.nheads or args.hidden_dim % 2:
