@@ -304,7 +304,8 @@ class SigmoidPostProcess(nn.Module):
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
 
 
-def _check_args(args) -> None:
+def check_model_args(args) -> None:
+    """Raises ValueError (one line naming the flag) for model flag values `build_model` cannot use."""
     if not args.backbone_stages or any(s not in (1, 2, 3, 4) for s in args.backbone_stages):
         raise ValueError(f"--backbone_stages must be stage numbers 1-4, got {args.backbone_stages}")
     if args.hidden_dim % args.nheads or args.hidden_dim % 2:
@@ -330,7 +331,7 @@ def _check_args(args) -> None:
 
 def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """Builds (model, criterion, postprocessors) from the parsed flags of `main.get_args_parser()`."""
-    _check_args(args)
+    check_model_args(args)
     num_classes = args.num_classes if args.num_classes is not None else COCO_NUM_CLASSES
     overrides = {} if getattr(args, "sr_ratios", None) is None else {"sr_ratios": tuple(args.sr_ratios)}
     backbone = build_backbone(args.backbone, drop_path_rate=args.drop_path,

@@ -88,7 +88,9 @@ def test_bad_flags_are_one_line_errors(tmp_path):
              (["--config", tmp_path / "missing.yaml"], "no such file"),
              (["--train_sizes", "64,abc"], "comma-separated integers"),
              (["--batch_size", "0"], "--batch_size must be positive"),
-             (["--sr_ratios", "8,4,2"], "--sr_ratios must be 4 ratios >= 1")]
+             (["--sr_ratios", "8,4,2"], "--sr_ratios must be 4 ratios >= 1"),
+             (["--anchor_queries", "--anchor_size", "1.5"], "--anchor_size must be in (0, 1)"),
+             (["--dropout", "1"], "--dropout and --drop_path must be in [0, 1)")]
     for args, message in cases:
         proc = run_main(*args, check=False, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from pvt_detr.detr import check_model_args
+
 
 def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     """Reads a YAML experiment file with `yaml.safe_load`; unknown keys are errors naming the file."""
@@ -67,20 +69,14 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
                  "enc_layers", "start_epoch", "max_nonfinite_steps", "plot_predictions"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1 or not 0 <= args.drop_path < 1:
-        parser.error("--dropout and --drop_path must be in [0, 1)")
     if not 0 <= args.max_bad_images < 1:
         parser.error(f"--max_bad_images must be a fraction in [0, 1), got {args.max_bad_images}")
     if any(s <= 0 for s in args.train_sizes):
         parser.error(f"--train_sizes must be positive, got {args.train_sizes}")
-    if args.sr_ratios is not None and (len(args.sr_ratios) != 4 or any(r < 1 for r in args.sr_ratios)):
-        parser.error(f"--sr_ratios must be 4 ratios >= 1 (one per stage), got {args.sr_ratios}")
-    if any(s not in (1, 2, 3, 4) for s in args.backbone_stages):
-        parser.error(f"--backbone_stages must be stage numbers 1-4, got {args.backbone_stages}")
-    if args.hidden_dim % args.nheads or args.hidden_dim % 2:
-        parser.error(f"--hidden_dim {args.hidden_dim} must be even and divisible by --nheads {args.nheads}")
-    if args.num_classes is not None and args.num_classes < 1:
-        parser.error(f"--num_classes must be >= 1, got {args.num_classes}")
+    try:  # the model's own checks (backbone stages, SR ratios, widths, convergence aids, ...) as argparse errors
+        check_model_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     if args.dataset_file == "coco" and not args.coco_path:
         parser.error("--coco_path is required with --dataset_file coco (or use --dataset_file demo)")
     if args.coco_path and args.dataset_file == "coco" and not Path(args.coco_path).is_dir():
