@@ -45,8 +45,11 @@ class EpochSeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        # Only the CPU generator (what the transforms draw from) is seeded and restored: torch.manual_seed would
+        # also reseed, and not restore, every accelerator's generator, and costs ~1 ms per call recording a
+        # stack trace for CUDA's lazy seeding even on machines without CUDA.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**63))
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**63))
             return self.dataset[index]
 
     def __getattr__(self, name: str):  # `.coco` and friends of the wrapped dataset
