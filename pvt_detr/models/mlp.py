@@ -12,6 +12,8 @@ autocast, with dropout in training, while exporting, and in training below MIN_F
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -23,6 +25,24 @@ from pvt_detr.nested_tensor import is_exporting
 CHUNK_BYTES_TRAIN = 1 << 21
 CHUNK_BYTES_INFER = 1 << 23
 MIN_FUSED_BYTES = 1 << 24  # training: below 16 MiB of hidden activation the plain ops are as fast (measured)
+
+
+_scratch = threading.local()  # per thread: dtype -> 1-D tensor, grown on demand, reused by every MLP call
+
+
+def _scratch_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, cols) CPU tensor of garbage reused across calls on this thread.
+
+    A fresh hidden-sized chunk (8-16 MiB) comes from mmap and is page-faulted in on first write, which cost as
+    much as the fc1 matmul itself at 512 x 512; a reused buffer stays mapped (and mostly in cache).
+    Valid until this thread's next MLP call: never return it, copy out of it.
+    """
+    buffers = _scratch.__dict__
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < rows * cols:
+        with torch.inference_mode(False):  # a normal tensor: usable both in and outside inference mode
+            buf = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return buf[: rows * cols].view(rows, cols)
 
 
 def _chunk_rows(hidden_dim: int, element_size: int, chunk_bytes: int) -> int:
@@ -37,7 +57,7 @@ class _GeluMlpFunction(torch.autograd.Function):
         M = x.shape[0]
         h = torch.empty(M, w1.shape[0], dtype=x.dtype)  # (M, H), kept for backward
         y = torch.empty(M, w2.shape[0], dtype=x.dtype)  # (M, C_out)
-        g = torch.empty(min(rows, M), w1.shape[0], dtype=x.dtype)  # (rows, H) GELU output, reused per chunk
+        g = _scratch_buffer(min(rows, M), w1.shape[0], x.dtype)  # (rows, H) GELU output, reused per chunk
         for s in range(0, M, rows):
             hc = torch.addmm(b1, x[s : s + rows], w1.t(), out=h[s : s + rows])  # (m, H)
             gc = torch.ops.aten.gelu.out(hc, out=g[: hc.shape[0]])  # (m, H)
@@ -58,7 +78,7 @@ class _GeluMlpFunction(torch.autograd.Function):
         db1 = torch.zeros(w1.shape[0], dtype=h.dtype) if need_b1 else None
         dw2 = torch.zeros_like(w2) if need_w2 else None
         db2 = dy.sum(0) if need_b2 else None
-        buf = torch.empty(min(rows, M), w1.shape[0], dtype=h.dtype)  # (rows, H), reused per chunk
+        buf = _scratch_buffer(min(rows, M), w1.shape[0], h.dtype)  # (rows, H), reused per chunk
         for s in range(0, M, rows):
             hc, dyc = h[s : s + rows], dy[s : s + rows]  # (m, H), (m, C_out)
             bc = buf[: hc.shape[0]]  # (m, H)
@@ -97,7 +117,7 @@ def _inference_chunks(x2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, out2: to
     """out2 (M, C_out) = (or += if accumulate) fc2(GELU(fc1(x2))) for x2 (M, C), chunk by chunk, no autograd."""
     M = x2.shape[0]
     rows = _chunk_rows(fc1.out_features, x2.element_size(), CHUNK_BYTES_INFER)
-    buf = torch.empty(min(rows, M), fc1.out_features, dtype=x2.dtype)  # (rows, H), reused: stays in cache
+    buf = _scratch_buffer(min(rows, M), fc1.out_features, x2.dtype)  # (rows, H), reused: stays in cache
     for s in range(0, M, rows):
         hc = buf[: min(rows, M - s)]  # (m, H)
         torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
