@@ -53,12 +53,14 @@ def valid_sizes(mask: torch.Tensor) -> torch.Tensor:
 
 
 def is_exporting() -> bool:
-    """True while `torch.export` / `torch.onnx.export` / `torch.jit.trace` record the model.
+    """True while a graph of the model is recorded: `torch.compile`, `torch.export` / `torch.onnx.export`,
+    `torch.jit.trace`.
 
-    Model code then skips its data-dependent shortcuts (`if bool(mask.any())` ...) and takes the general
-    tensor path, which gives the same values, so one recorded graph serves every padding pattern.
+    Model code then skips its data-dependent shortcuts (`if bool(mask.any())` ...) and its hand-fused eager CPU
+    kernels (chunked MLP, in-place residuals) and takes the general tensor path, which gives the same values:
+    one recorded graph serves every padding pattern, and the compiler sees plain ops it can fuse itself.
     """
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def nested_tensor_from_tensor_list(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> NestedTensor:
