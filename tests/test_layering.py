@@ -5,7 +5,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "pvt_detr"
 ALLOWED_ROOTS = {"torch", "torchvision", "einops", "scipy", "numpy", "pvt_detr", "__future__", "math", "re", "pickle",
-                 "dataclasses", "collections", "pathlib", "typing", "itertools", "functools", "copy", "warnings"}
+                 "dataclasses", "collections", "pathlib", "typing", "itertools", "functools", "copy", "warnings",
+                 "threading"}  # threading: thread-local scratch buffers (models/mlp.py) for threads sharing a model
 FORBIDDEN = ("torch.distributed", "submitit", "datasets", "slurm", "training", "main")
 # Command-line entry points inside the package may also parse arguments, read images and time things.
 CLI_MODULES = {"benchmark.py", "predict.py", "export.py"}
