@@ -1,5 +1,7 @@
 """The fused CPU kernels compute what the plain modules compute: chunked GELU MLP, dropout attention."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,8 +50,6 @@ def test_fused_mlp_gradcheck_and_frozen_weights(small_chunks):
 def test_scratch_buffer_is_shared_by_inference_and_training_on_one_thread(small_chunks):
     """The reused hidden-chunk buffer survives inference mode then training (evaluation between epochs),
     a larger layer growing it, and the other thread's buffer is its own."""
-    import threading
-
     mlp_module._scratch.__dict__.clear()
     m, wide = Mlp(6, 8).double(), Mlp(6, 40).double()
     x = torch.randn(2, 150, 6, dtype=torch.float64, requires_grad=True)

@@ -77,7 +77,6 @@ def _build_datasets(args):
     return dataset_train, dataset_val
 
 
-# In the text of the RuntimeErrors that gloo / NCCL collectives raise when a peer died or timed out.
 # Lower-case fragments of the errors gloo / NCCL raise when a peer died or hung. Some carry no backend name, e.g.
 # gloo's "Application timeout caused pair closure" from DDP's gradient all-reduce inside backward().
 COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "pair closure",
