@@ -76,6 +76,11 @@ class MultiheadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """query (B, N_q, C), key/value (B, N_k, C), key_padding_mask (B, N_k) True = ignore -> (B, N_q, C)."""
+        return self.out_proj(self.attend(query, key, value, key_padding_mask))  # (B, N_q, C)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' outputs before `out_proj`: same arguments as `forward` -> (B, N_q, C)."""
         C = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
         if query is key:
@@ -99,4 +104,4 @@ class MultiheadAttention(nn.Module):
                 attn_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, N_k), True = attend
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                  dropout_p=self.dropout if self.training else 0.0)  # (B, nh, N_q, hd)
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N_q, C)
+        return rearrange(out, "b h n d -> b n (h d)")  # (B, N_q, C)

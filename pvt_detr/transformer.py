@@ -3,6 +3,10 @@
 Re-implemented from facebookresearch/detr `models/transformer.py` with the same parameter names (so DETR
 checkpoints load): post-norm by default (`normalize_before=True` gives pre-norm), ReLU FFN, learned query
 positions added at every decoder layer, decoder outputs of every layer passed through the final LayerNorm.
+
+On the CPU without autograd (evaluation, inference) post-norm layers add their residuals in place: the attention
+output projection accumulates into the residual (no bias-broadcast copy, no separate add) and the FFN runs as
+`mlp_add_` (ReLU in place on a reused buffer). Same function either way.
 """
 
 from __future__ import annotations
@@ -12,6 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_detr.attention import MultiheadAttention
+from pvt_detr.models.mlp import can_fuse_inference, mlp_add_
+
+
+def _residual_proj(residual: torch.Tensor, heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """residual + proj(heads) as one new tensor, without the bias-broadcast copy of a Linear: (B, N, C) x 2."""
+    C = residual.shape[-1]
+    out = torch.addmm(residual.reshape(-1, C), heads.reshape(-1, C), proj.weight.t())  # (B*N, C)
+    return out.add_(proj.bias).view(residual.shape)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -32,8 +44,17 @@ class TransformerEncoderLayer(nn.Module):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        return not (self.normalize_before or self.training) and can_fuse_inference(
+            x, self.self_attn.out_proj, self.linear1, self.linear2)
+
     def forward(self, src: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """src, pos: (B, N, C); key_padding_mask: (B, N) True on padding -> (B, N, C)."""
+        if self._fused(src):
+            q = src + pos
+            src = self.norm1(_residual_proj(src, self.self_attn.attend(q, q, src, key_padding_mask),
+                                            self.self_attn.out_proj))  # (B, N, C), a new tensor: ours to update
+            return self.norm2(mlp_add_(src, src, self.linear1, self.linear2, "relu"))
         if self.normalize_before:
             x = self.norm1(src)
             q = x + pos
@@ -68,16 +89,23 @@ class TransformerDecoderLayer(nn.Module):
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_key: torch.Tensor,
                 memory_key_padding_mask: torch.Tensor | None, query_pos: torch.Tensor) -> torch.Tensor:
         """tgt, query_pos: (B, Q, C); memory: (B, N, C); memory_key = memory + pos: (B, N, C) -> (B, Q, C)."""
+        mask = memory_key_padding_mask
         if self.normalize_before:
             x = self.norm1(tgt)
             q = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(q, q, x))
             x = self.norm2(tgt)
-            tgt = tgt + self.dropout2(self.multihead_attn(x + query_pos, memory_key, memory, memory_key_padding_mask))
+            tgt = tgt + self.dropout2(self.multihead_attn(x + query_pos, memory_key, memory, mask))
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         q = tgt + query_pos
+        if not self.training and can_fuse_inference(tgt, self.self_attn.out_proj, self.multihead_attn.out_proj,
+                                                    self.linear1, self.linear2):
+            tgt = self.norm1(_residual_proj(tgt, self.self_attn.attend(q, q, tgt), self.self_attn.out_proj))
+            heads = self.multihead_attn.attend(tgt + query_pos, memory_key, memory, mask)  # (B, Q, C)
+            tgt = self.norm2(_residual_proj(tgt, heads, self.multihead_attn.out_proj))  # a new tensor: ours
+            return self.norm3(mlp_add_(tgt, tgt, self.linear1, self.linear2, "relu"))
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
-        tgt2 = self.multihead_attn(tgt + query_pos, memory_key, memory, memory_key_padding_mask)
+        tgt2 = self.multihead_attn(tgt + query_pos, memory_key, memory, mask)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
 
@@ -108,8 +136,8 @@ class TransformerDecoder(nn.Module):
         intermediate = []
         for layer in self.layers:
             tgt = layer(tgt, memory, memory_key, memory_key_padding_mask, query_pos)
-            intermediate.append(self.norm(tgt))
-        return torch.stack(intermediate)  # (L, B, Q, C)
+            intermediate.append(tgt)
+        return self.norm(torch.stack(intermediate))  # (L, B, Q, C), one LayerNorm call for every layer's output
 
 
 class Transformer(nn.Module):

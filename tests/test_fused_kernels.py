@@ -137,3 +137,40 @@ def test_inplace_inference_block_equals_the_plain_block(small_chunks, sr_ratio):
     with torch.no_grad():
         block(untouched, (6, 10), inplace=True)  # training mode (drop path active): the plain path
     assert torch.equal(untouched, x)
+
+
+def test_fused_transformer_inference_equals_the_autograd_path():
+    """Without autograd on the CPU the post-norm layers add residuals in place and run the FFN chunked (ReLU in
+    place): the same outputs as the plain ops, also after in-place weight updates; not in training mode."""
+    from pvt_detr.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64,
+                        dropout=0.1).double().eval()
+    for p in model.parameters():  # DETR zero-initialises biases; random ones make the check meaningful
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, std=0.5)
+    src, pos = torch.randn(2, 12, 32, dtype=torch.float64), torch.randn(2, 12, 32, dtype=torch.float64)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 9:] = True
+    query = torch.randn(5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        hs, memory = model(src, mask, query, pos)
+    src_grad = src.clone().requires_grad_()  # autograd on: the plain ops
+    hs_ref, memory_ref = model(src_grad, mask, query, pos)
+    torch.testing.assert_close(memory, memory_ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hs, hs_ref.detach(), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # nothing derived from the weights is kept between calls
+        model.decoder.layers[1].multihead_attn.in_proj_weight[40:].mul_(-2.0)
+        model.decoder.layers[2].multihead_attn.in_proj_bias[70:].add_(1.0)
+        hs_updated, _ = model(src, mask, query, pos)
+    hs_updated_ref, _ = model(src.clone().requires_grad_(), mask, query, pos)
+    assert not torch.allclose(hs_updated, hs)
+    torch.testing.assert_close(hs_updated, hs_updated_ref.detach(), rtol=1e-10, atol=1e-10)
+    model.train()  # training mode without autograd: dropout still applies (plain path)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first, _ = model(src, mask, query, pos)
+        torch.manual_seed(2)
+        second, _ = model(src, mask, query, pos)
+    assert not torch.allclose(first, second)

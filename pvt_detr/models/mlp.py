@@ -8,6 +8,7 @@ backward and recomputes GELU chunk by chunk there (an elementwise op, no matmul 
 GELU output nor any hidden-sized gradient is ever materialised whole. Same function, same parameters and
 checkpoint keys as the plain module; results equal up to float rounding. Plain ops are used off the CPU, under
 autocast, with dropout in training, while exporting, and in training below MIN_FUSED_BYTES (where they are as fast).
+`mlp_add_` is the inference form that adds the MLP into a residual in place; DETR's ReLU FFN uses it too.
 """
 
 from __future__ import annotations
@@ -113,26 +114,50 @@ def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     return y.view(*lead, -1)  # (..., C_out)
 
 
-def _inference_chunks(x2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, out2: torch.Tensor, accumulate: bool) -> None:
-    """out2 (M, C_out) = (or += if accumulate) fc2(GELU(fc1(x2))) for x2 (M, C), chunk by chunk, no autograd."""
+_INPLACE_ACTIVATIONS = {"gelu": torch.ops.aten.gelu_, "relu": torch.relu_}
+
+
+def _inference_chunks(x2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, out2: torch.Tensor, accumulate: bool,
+                      activation: str = "gelu") -> None:
+    """out2 (M, C_out) = (or += if accumulate) fc2(act(fc1(x2))) for x2 (M, C), chunk by chunk, no autograd.
+
+    out2 may be x2 itself (accumulate=True): each chunk's rows are read by fc1 before fc2 writes them.
+    """
     M = x2.shape[0]
+    act_ = _INPLACE_ACTIVATIONS[activation]
     rows = _chunk_rows(fc1.out_features, x2.element_size(), CHUNK_BYTES_INFER)
     buf = _scratch_buffer(min(rows, M), fc1.out_features, x2.dtype)  # (rows, H), reused: stays in cache
     for s in range(0, M, rows):
         hc = buf[: min(rows, M - s)]  # (m, H)
         torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
-        torch.ops.aten.gelu_(hc)
+        act_(hc)
         if accumulate:  # a residual sum: no bias-broadcast copy, no output tensor
             out2[s : s + rows].add_(fc2.bias).addmm_(hc, fc2.weight.t())  # (m, C_out)
         else:
             torch.addmm(fc2.bias, hc, fc2.weight.t(), out=out2[s : s + rows])  # (m, C_out)
 
 
-def gelu_mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
-    """out += fc2(GELU(fc1(x))) in place, chunked over tokens, for out and x (..., C) on the CPU without autograd
-    (the residual sum of an inference block: no output tensor and no bias-broadcast copy). Returns out."""
-    _inference_chunks(x.reshape(-1, x.shape[-1]), fc1, fc2, out.view(-1, out.shape[-1]), accumulate=True)
+def mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
+             activation: str = "gelu") -> torch.Tensor:
+    """out += fc2(act(fc1(x))) in place (act: "gelu" or "relu"), chunked over tokens, for contiguous out and x
+    (..., C) on the CPU without autograd (the residual sum of an inference block: no output tensor and no
+    bias-broadcast copy). out may be x itself. Returns out."""
+    _inference_chunks(x.reshape(-1, x.shape[-1]), fc1, fc2, out.view(-1, out.shape[-1]), accumulate=True,
+                      activation=activation)
     return out
+
+
+def gelu_mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+    """out += fc2(GELU(fc1(x))) in place: `mlp_add_` with GELU (PVT's block MLP). Returns out."""
+    return mlp_add_(out, x, fc1, fc2, "gelu")
+
+
+def can_fuse_inference(x: torch.Tensor, *linears: nn.Linear) -> bool:
+    """True where the hand-fused inference kernels apply: float32/64 on the CPU, no autograd recording, no
+    autocast, not exporting or compiling, and every given Linear has a bias."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
+            and not is_exporting() and not torch.is_autocast_enabled("cpu")
+            and all(lin.bias is not None for lin in linears))
 
 
 class Mlp(nn.Module):
