@@ -6,8 +6,10 @@ are the same tensor (DETR's self-attention: q = k = x + pos) their projections r
 
 Training with attention dropout on the CPU: SDPA's fused kernel has no dropout, so SDPA falls back to its math
 path, which keeps three (B, nh, N_q, N_k) float maps for backward (probabilities, dropout noise, dropped
-probabilities). `_DropoutAttention` computes the same thing (same formula, same random draws) but keeps only
-q, k, v and a bool keep-mask, and recomputes the probabilities in backward, as fused attention kernels do.
+probabilities). `_DropoutAttention` computes the same formula but keeps only q, k, v and a bool keep-mask, and
+recomputes the probabilities in backward, as fused attention kernels do. Its mask is drawn by
+`pvt_detr.dropout.keep_mask` (about twice as fast as `bernoulli_`), and the NaN-safe softmax (a row with every
+key masked gives zeros, as SDPA) is used only when some image has every key masked.
 """
 
 from __future__ import annotations
@@ -17,44 +19,45 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from pvt_detr.dropout import keep_mask
+
 
 class _DropoutAttention(torch.autograd.Function):
-    """dropout(softmax(q k^T / sqrt(d) + bias)) v, as SDPA's math path; saves q, k, v, bias and a bool keep-mask."""
+    """dropout(softmax(q k^T / sqrt(d) + bias)) v, as SDPA's math path; saves q, k, v, bias and a bool keep-mask.
+
+    safe: some row of bias is -inf everywhere (use the softmax that gives zeros there, not NaN).
+    """
 
     @staticmethod
-    def _probs(q, k, bias):
+    def _probs(q, k, bias, safe: bool):
         sf = q.shape[-1] ** -0.25  # SDPA's math path scales q and k by sqrt(scale) each
         qs, ks = q * sf, k * sf
         s = qs @ ks.transpose(-2, -1)  # (B, nh, N_q, N_k)
         if bias is not None:
             s += bias
-        return torch._safe_softmax(s, -1), qs, ks, sf  # as SDPA: a row with every key masked gives zeros, not NaN
+        return (torch._safe_softmax(s, -1) if safe else torch.softmax(s, -1)), qs, ks, sf
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, p: float):
-        attn, _, _, _ = _DropoutAttention._probs(q, k, bias)  # (B, nh, N_q, N_k)
-        noise = torch.empty_like(attn).bernoulli_(1 - p)  # the draw F.dropout / SDPA make
-        keep = noise.bool()
-        attn *= noise.div_(1 - p)
-        del noise
-        ctx.p = p
+    def forward(ctx, q, k, v, bias, p: float, safe: bool = True):
+        attn, _, _, _ = _DropoutAttention._probs(q, k, bias, safe)  # (B, nh, N_q, N_k)
+        keep = keep_mask(attn.shape, p, attn.device)  # (B, nh, N_q, N_k) bool
+        ctx.p, ctx.safe = p, safe
         ctx.save_for_backward(q, k, v, bias, keep)
-        return attn @ v  # (B, nh, N_q, d)
+        return (attn.mul_(keep) @ v).mul_(1 / (1 - p))  # (B, nh, N_q, d); the rescale on the smaller tensor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, bias, keep = ctx.saved_tensors
-        attn, qs, ks, sf = _DropoutAttention._probs(q, k, bias)  # recomputed, bit-identical to forward
-        scale = keep.to(attn.dtype).div_(1 - ctx.p)  # (B, nh, N_q, N_k): 0 or 1 / (1 - p)
-        dv = (attn * scale).transpose(-2, -1) @ dout  # (B, nh, N_k, d)
-        dattn = (dout @ v.transpose(-2, -1)).mul_(scale)  # (B, nh, N_q, N_k)
-        del scale
+        attn, qs, ks, sf = _DropoutAttention._probs(q, k, bias, ctx.safe)  # recomputed, bit-identical to forward
+        scale = 1 / (1 - ctx.p)  # applied to the (.., d) results, not to the maps; the backward is linear in it
+        dv = ((attn * keep).transpose(-2, -1) @ dout).mul_(scale)  # (B, nh, N_k, d)
+        dattn = (dout @ v.transpose(-2, -1)).mul_(keep)  # (B, nh, N_q, N_k), d(probs) / scale
         ds = torch._softmax_backward_data(dattn, attn, -1, attn.dtype)  # (B, nh, N_q, N_k)
         del dattn, attn
-        dq = (ds @ ks).mul_(sf)  # (B, nh, N_q, d)
-        dk = (ds.transpose(-2, -1) @ qs).mul_(sf)  # (B, nh, N_k, d)
-        return dq, dk, dv, None, None
+        dq = (ds @ ks).mul_(sf * scale)  # (B, nh, N_q, d)
+        dk = (ds.transpose(-2, -1) @ qs).mul_(sf * scale)  # (B, nh, N_k, d)
+        return dq, dk, dv, None, None, None
 
 
 class MultiheadAttention(nn.Module):
@@ -93,11 +96,12 @@ class MultiheadAttention(nn.Module):
         k = rearrange(k, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)
         v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)
         if self.training and self.dropout > 0 and q.device.type == "cpu" and torch.is_grad_enabled():
-            bias = None
+            bias, safe = None, False
             if key_padding_mask is not None:  # (B, 1, 1, N_k) additive, -inf = ignore
                 bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
                 bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
-            out = _DropoutAttention.apply(q, k, v, bias, self.dropout)  # (B, nh, N_q, hd)
+                safe = bool(key_padding_mask.all(1).any())
+            out = _DropoutAttention.apply(q, k, v, bias, self.dropout, safe)  # (B, nh, N_q, hd)
         else:
             attn_mask = None
             if key_padding_mask is not None:

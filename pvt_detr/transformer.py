@@ -6,7 +6,8 @@ positions added at every decoder layer, decoder outputs of every layer passed th
 
 On the CPU without autograd (evaluation, inference) post-norm layers add their residuals in place: the attention
 output projection accumulates into the residual (no bias-broadcast copy, no separate add) and the FFN runs as
-`mlp_add_` (ReLU in place on a reused buffer). Same function either way.
+`mlp_add_` (ReLU in place on a reused buffer). Same function either way. In training the dropouts draw their
+masks with `pvt_detr.dropout` (cheaper on the CPU than `bernoulli_`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_detr.attention import MultiheadAttention
+from pvt_detr.dropout import Dropout
 from pvt_detr.models.mlp import can_fuse_inference, mlp_add_
 
 
@@ -33,12 +35,12 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,14 +75,14 @@ class TransformerDecoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:

