@@ -24,19 +24,19 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 
 
 class _MaskedScale(torch.autograd.Function):
-    """x * mask with mask = keep / (1 - p) (0 or 1 / (1 - p)), saved for backward as a float tensor."""
+    """x * keep / (1 - p), saving only the bool mask for backward (as `F.dropout` does)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        mask = keep.to(x.dtype).mul_(scale)
-        ctx.save_for_backward(mask)
-        return x * mask
+        ctx.scale = scale
+        ctx.save_for_backward(keep)
+        return x * keep.to(x.dtype).mul_(scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
