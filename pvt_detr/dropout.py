@@ -3,10 +3,10 @@
 `F.dropout` draws its mask with `bernoulli_`, which on the CPU takes about 5 ns per element: in DETR's training
 step (dropout 0.1 after every attention map, FFN and residual branch) the draws were 20 % of the transformer's
 forward + backward time. `keep_mask` draws one 31-bit integer per element and compares it with (1 - p) * 2^31,
-which is about twice as fast and keeps an element with probability 1 - p to within 2^-31. Off the CPU, under
-graph capture and in evaluation `Dropout` is `nn.Dropout` unchanged. The random stream differs from
-`F.dropout`'s (both are seeded by the same generator), so runs are reproducible but not draw-for-draw equal
-to plain PyTorch's.
+which is about twice as fast and keeps an element with probability 1 - p to within 2^-31. Off the CPU, for
+half-precision tensors (autocast), under graph capture and in evaluation `Dropout` is `nn.Dropout` unchanged.
+The random stream differs from `F.dropout`'s (both are seeded by the same generator), so runs are reproducible
+but not draw-for-draw equal to plain PyTorch's.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """`F.dropout(x, p, training)` with `keep_mask`'s cheaper draw on the CPU: (...) -> (...)."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not x.is_floating_point() or is_exporting() or p >= 1.0:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or is_exporting() or p >= 1.0:
         return nn.functional.dropout(x, p, training)
     return _MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
 

@@ -132,6 +132,11 @@ def test_dropout_keeps_one_minus_p_rescaled_and_backpropagates_through_the_same_
     assert torch.equal(first, dropout(x, 0.3))  # seeded by the default generator
     module = Dropout(0.3)
     assert module.eval()(x) is x and dropout(x, 0.0) is x
+    half = torch.ones(64, dtype=torch.bfloat16)  # half precision (autocast): F.dropout itself, same draws
+    torch.manual_seed(3)
+    plain = F.dropout(half, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(half, 0.5), plain)
     assert torch.autograd.gradcheck(lambda t: (torch.manual_seed(1), dropout(t, 0.4))[1],
                                      (torch.randn(4, 5, dtype=torch.float64, requires_grad=True),))
 
