@@ -138,8 +138,8 @@ class TransformerDecoder(nn.Module):
         intermediate = []
         for layer in self.layers:
             tgt = layer(tgt, memory, memory_key, memory_key_padding_mask, query_pos)
-            intermediate.append(tgt)
-        return self.norm(torch.stack(intermediate))  # (L, B, Q, C), one LayerNorm call for every layer's output
+            intermediate.append(self.norm(tgt))
+        return torch.stack(intermediate)  # (L, B, Q, C)
 
 
 class Transformer(nn.Module):
