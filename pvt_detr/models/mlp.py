@@ -147,11 +147,6 @@ def mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
     return out
 
 
-def gelu_mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
-    """out += fc2(GELU(fc1(x))) in place: `mlp_add_` with GELU (PVT's block MLP). Returns out."""
-    return mlp_add_(out, x, fc1, fc2, "gelu")
-
-
 def can_fuse_inference(x: torch.Tensor, *linears: nn.Linear) -> bool:
     """True where the hand-fused inference kernels apply: float32/64 on the CPU, no autograd recording, no
     autocast, not exporting or compiling, and every given Linear has a bias."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from pvt_detr.models.mlp import Mlp, gelu_mlp_add_
+from pvt_detr.models.mlp import Mlp, can_fuse_inference, mlp_add_
 from pvt_detr.models.patch_linear import PatchLinear
 from pvt_detr.models.sra import SpatialReductionAttention
 from pvt_detr.nested_tensor import NestedTensor, is_exporting, valid_sizes
@@ -63,16 +63,13 @@ class Block(nn.Module):
             proj = self.attn.proj
             heads = self.attn.attend(self.norm1(x), hw, kv_mask).reshape(-1, C)  # (B*N, C)
             x.view(-1, C).add_(proj.bias).addmm_(heads, proj.weight.t())  # x += proj(heads)
-            return gelu_mlp_add_(x, self.norm2(x), self.mlp.fc1, self.mlp.fc2)  # x += mlp(norm2(x))
+            return mlp_add_(x, self.norm2(x), self.mlp.fc1, self.mlp.fc2, "gelu")  # x += mlp(norm2(x))
         x = x + self.drop_path(self.attn(self.norm1(x), hw, kv_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _can_add_inplace(self, x: torch.Tensor) -> bool:
-        return (not self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and x.is_contiguous()
-                and not torch.is_grad_enabled() and not is_exporting() and not torch.is_autocast_enabled("cpu")
-                and self.attn.proj.bias is not None and self.mlp.fc1.bias is not None
-                and self.mlp.fc2.bias is not None)
+        return (not self.training and x.is_contiguous()
+                and can_fuse_inference(x, self.attn.proj, self.mlp.fc1, self.mlp.fc2))
 
 
 class PatchEmbed(nn.Module):
