@@ -1,12 +1,14 @@
 """Loading official PVT ImageNet checkpoints and facebookresearch/detr checkpoints into our modules.
 
-Every file is read with `torch.load(weights_only=True)`: tensors and plain Python types only. Official
+Every file is read with `torch.load(weights_only=True)`: tensors and plain Python types only (and
+`argparse.Namespace`, in which DETR-family training checkpoints keep their flags). Official
 conv weights (patch embedding, spatial reduction) are converted to our linear layout; keys are remapped
 (`block{s}.{j}` -> `blocks.{s-1}.{j}`, `patch_embed{s}` -> `patch_embed.{s-1}`, `pos_embed{s}` -> `pos_embed.{s-1}`).
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -47,24 +49,42 @@ def _summarise(keys: list[str], limit: int = 8) -> str:
     return text + (", ..." if len(prefixes) > limit else "")
 
 
+def _load_error(path: Path, err: Exception) -> CheckpointError:
+    """One line saying why torch.load(weights_only=True) failed on path."""
+    text = str(err).strip()
+    unsafe = re.search(r"GLOBAL ([\w.]+)", text)  # a pickled class or function that weights_only refuses
+    if isinstance(err, pickle.UnpicklingError) and unsafe:
+        return CheckpointError(f"{path}: refused to load, it holds more than tensors and plain types "
+                               f"(weights_only=True): it pickles {unsafe.group(1)}")
+    if isinstance(err, pickle.UnpicklingError):  # torch's first lines are its weights_only advice: what broke
+        reason = (re.findall(r"WeightsUnpickler error: \s*([^\n]+)", text) or [text.splitlines()[0]])[-1]
+    elif isinstance(err, (RuntimeError, OSError)) and text:
+        reason = text.splitlines()[0]
+    else:  # the unpickler reading a foreign file: IndexError, KeyError, struct.error, EOFError ...
+        reason = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    if len(reason) > 120:  # e.g. torch's zip reader: its first sentence says it
+        reason = reason.split(". ")[0]
+    return CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not a torch.save file?): "
+                           f"{reason}")
+
+
 def load_state_file(path: str | Path) -> dict:
-    """torch.load(weights_only=True) with one-line errors for missing, truncated or unsafe files."""
+    """torch.load(weights_only=True) with one-line errors for missing, truncated, foreign or unsafe files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load, it holds more than tensors and plain types "
-                              f"(weights_only=True): {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
+        # DETR-family training checkpoints keep their flags as an argparse.Namespace: plain attributes, no code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a foreign file can fail anywhere in the unpickler
+        raise _load_error(path, err) from None
 
 
 def _as_state_dict(path_or_state_dict, what: str) -> dict[str, torch.Tensor]:
     sd = path_or_state_dict if isinstance(path_or_state_dict, dict) else load_state_file(path_or_state_dict)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{what}: holds a {type(sd).__name__}, expected a state dict of tensors")
     for wrapper in ("model", "state_dict"):
         if wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]

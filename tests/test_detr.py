@@ -1,11 +1,13 @@
 """DETR model: attention equals torch's, inputs, batch invariance, gradients, no convolutions, DETR checkpoints."""
 
+import argparse
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import main
-from pvt_detr import build_model, list_backbones, load_detr_checkpoint
+from pvt_detr import build_model, list_backbones, load_detr_checkpoint, load_pvt_checkpoint
 from pvt_detr.attention import MultiheadAttention
 from pvt_detr.checkpoints import CheckpointError
 from pvt_detr.models.registry import build_backbone
@@ -149,6 +151,40 @@ def test_load_detr_checkpoint_round_trip(tmp_path):
     again, _, _ = small_model()
     report = load_detr_checkpoint(again, tmp_path / "ours.pth")
     assert not report.missing and not report.unused and not report.skipped
+
+
+def test_detr_training_checkpoint_with_its_args_namespace_loads(tmp_path):
+    """facebookresearch/detr's main.py saves {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args': Namespace}."""
+    source, _, _ = small_model()
+    checkpoint = _detr_format(source.state_dict())
+    checkpoint.update(args=argparse.Namespace(lr=1e-4, backbone="resnet50", lr_drop=200, output_dir=""), epoch=499,
+                      optimizer={"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]})
+    torch.save(checkpoint, tmp_path / "detr-train.pth")
+    target, _, _ = small_model()
+    report = load_detr_checkpoint(target, tmp_path / "detr-train.pth")
+    torch.testing.assert_close(target.state_dict()["query_embed.weight"], source.state_dict()["query_embed.weight"])
+    assert "transformer.decoder.norm.weight" in report.loaded
+
+
+@pytest.mark.parametrize("content", ["text", "tensor", "list", "empty", "random"])
+def test_files_that_are_not_state_dicts_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif content == "list":
+        torch.save([torch.zeros(3)], path)
+    else:
+        data = {"text": b"root:x:0:0:root:/root:/bin/bash\n", "empty": b"",
+                "random": bytes(range(256)) * 8}[content]
+        path.write_bytes(data)
+    model, _, _ = small_model()
+    for load in (load_detr_checkpoint, lambda m, p: load_pvt_checkpoint(m.backbone, p)):
+        with pytest.raises(CheckpointError) as err:
+            load(model, path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message, message
+        expected = "expected a state dict" if content in ("tensor", "list") else "not a readable checkpoint"
+        assert expected in message, message
 
 
 def test_load_detr_checkpoint_architecture_mismatch_is_one_line(tmp_path):

@@ -279,7 +279,12 @@ def test_foreign_checkpoints_are_one_line_explanations(demo_data, tmp_path, caps
              (["--finetune", path, "--hidden_dim", "64"], "in this model (a different architecture?)")]
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:5000])
-    cases.append((["--resume", truncated], f"error: {truncated}: not a readable checkpoint (truncated or corrupt?)"))
+    cases.append((["--resume", truncated], f"error: {truncated}: not a readable checkpoint (truncated, corrupt"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    for flag in ("--resume", "--finetune", "--pretrained_backbone"):
+        cases.append(([flag, text], f"error: {text}: not a readable checkpoint (truncated, corrupt or not a "
+                                    "torch.save file?)"))
     for argv, message in cases:
         code, _, err = _run_main_in_process(capsys, "--coco_path", demo_data, "--epochs", "1", "--eval", *argv)
         last = err.strip().splitlines()[-1]
