@@ -111,3 +111,29 @@ def test_config_file_sets_defaults_and_cli_wins(tmp_path):
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(SystemExit):
         parse_args(main.get_args_parser(), ["--config", str(cfg), "--dataset_file", "demo"])
+
+
+@pytest.mark.parametrize("text,message", [
+    (b"lr: [1, 2\n", "not valid YAML"),
+    (b"learning_rate: 1\n", "unknown keys learning_rate"),
+    (b"- lr\n- 1\n", "expected a mapping of flag names to values"),
+    (b"lr: fast\n", "lr: could not convert string to float: 'fast'"),
+    (b"lr: true\n", "lr: expected a float value, got true"),
+    (b"epochs: 2.5\n", "epochs: invalid literal for int()"),
+    (b"epochs:\n", "epochs: needs a value (its default is 50)"),
+    (b"train_sizes: abc\n", "train_sizes: expected comma-separated integers"),
+    (b"backbone: pvt_huge\n", "backbone='pvt_huge' is not one of"),
+    (b"pre_norm: maybe\n", "pre_norm: expected true or false, got 'maybe'"),
+    (b"\xff\xfe\x00lr: 1\n", "not a readable UTF-8 text file"),
+])
+def test_bad_config_files_are_one_line_errors_naming_the_file(tmp_path, capsys, text, message):
+    sys.path.insert(0, str(ROOT))
+    import main
+    from training.config import parse_args
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_bytes(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(main.get_args_parser(), ["--config", str(cfg), "--dataset_file", "demo"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and f"--config {cfg}: {message}" in last, last

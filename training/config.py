@@ -21,9 +21,11 @@ def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     if not path.is_file():
         parser.error(f"--config {path}: no such file")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    except (UnicodeDecodeError, OSError) as e:
+        parser.error(f"--config {path}: not a readable UTF-8 text file ({e})")
     if not isinstance(values, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
     known = {a.dest for a in parser._actions}
@@ -34,9 +36,19 @@ def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     actions = {a.dest: a for a in parser._actions}
     for key, value in values.items():
         action = actions[key]
+        if action.nargs == 0:  # an on/off flag (store_true / store_false): YAML true or false only
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key}: expected true or false, got {value!r}")
+            values[key] = value
+            continue
+        if value is None and action.default is not None:
+            parser.error(f"--config {path}: {key}: needs a value (its default is {action.default!r})")
+        if isinstance(value, bool) and action.type is not None:
+            parser.error(f"--config {path}: {key}: expected a {getattr(action.type, '__name__', 'typed')} value, "
+                         f"got {str(value).lower()}")
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        if action.type is not None and value is not None and not isinstance(value, bool):
+        if action.type is not None and value is not None:
             try:
                 value = action.type(value) if isinstance(value, str) else action.type(str(value))
             except (argparse.ArgumentTypeError, ValueError) as e:
