@@ -1,18 +1,19 @@
 """Loading official PVT ImageNet checkpoints and facebookresearch/detr checkpoints into our modules.
 
-Every file is read with `torch.load(weights_only=True)`: tensors and plain Python types only (and
-`argparse.Namespace`, in which DETR-family training checkpoints keep their flags). Official
-conv weights (patch embedding, spatial reduction) are converted to our linear layout; keys are remapped
-(`block{s}.{j}` -> `blocks.{s-1}.{j}`, `patch_embed{s}` -> `patch_embed.{s-1}`, `pos_embed{s}` -> `pos_embed.{s-1}`).
+Every file is read with `torch.load(weights_only=True)`: tensors and plain Python types only (a pickled
+`argparse.Namespace`, in which DETR-family training checkpoints keep their flags, is read as a
+`SimpleNamespace`). Official conv weights (patch embedding, spatial reduction) are converted to our linear
+layout; keys are remapped (`block{s}.{j}` -> `blocks.{s-1}.{j}`, `patch_embed{s}` -> `patch_embed.{s-1}`,
+`pos_embed{s}` -> `pos_embed.{s-1}`).
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -74,8 +75,9 @@ def load_state_file(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        # DETR-family training checkpoints keep their flags as an argparse.Namespace: plain attributes, no code.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # DETR-family training checkpoints keep their flags as an argparse.Namespace; it is read as the
+        # equivalent types.SimpleNamespace (plain attributes, no code run).
+        with torch.serialization.safe_globals([(SimpleNamespace, "argparse.Namespace")]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a foreign file can fail anywhere in the unpickler
         raise _load_error(path, err) from None

@@ -6,16 +6,17 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "pvt_detr"
 ALLOWED_ROOTS = {"torch", "torchvision", "einops", "scipy", "numpy", "pvt_detr", "__future__", "math", "re", "pickle",
                  "dataclasses", "collections", "pathlib", "typing", "itertools", "functools", "copy", "warnings",
-                 "threading"}  # threading: thread-local scratch buffers (models/mlp.py) for threads sharing a model
+                 "threading", "types"}  # threading: thread-local scratch buffers (models/mlp.py) for threads sharing
+# a model; types: SimpleNamespace, what a pickled argparse.Namespace is read as (checkpoints.py)
 FORBIDDEN = ("torch.distributed", "submitit", "datasets", "slurm", "training", "main")
 # Command-line entry points inside the package may also parse arguments, read images and time things.
 CLI_MODULES = {"benchmark.py", "predict.py", "export.py"}
 CLI_EXTRA = {"argparse", "json", "sys", "os", "time", "statistics", "subprocess", "resource", "PIL", "tqdm",
              "tempfile", "shutil", "platform", "io", "onnx", "onnxruntime", "threading", "inference"}
 # The inference API decodes image files (PIL, as datasets/coco.py does) and rebuilds a model from a checkpoint's
-# config (types.SimpleNamespace); it parses no arguments and prints nothing.
+# config (a types.SimpleNamespace); it parses no arguments and prints nothing.
 IMAGE_IO_MODULES = {"inference.py", "image_io.py"}
-IMAGE_IO_EXTRA = {"PIL", "types"}
+IMAGE_IO_EXTRA = {"PIL"}
 
 
 def _imports(path: Path) -> set[str]:
