@@ -151,11 +151,19 @@ def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
     """Loads an official PVT v1 ImageNet checkpoint (or one of ours) into a PVT backbone.
 
     Every backbone tensor must be filled; for an official file the unused keys are `cls_token`, `norm.*`, `head.*`
-    (classification parts a detection backbone does not have).
+    (classification parts a detection backbone does not have). Blocks this backbone does not have (a deeper PVT's
+    checkpoint) are an error too, checked before anything is loaded.
     """
     what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "PVT state dict"
     sd = pvt_checkpoint_filter(_as_state_dict(path_or_state_dict, what), backbone)
     sd = {k: v for k, v in sd.items() if k != "cls_pos_embed" or hasattr(backbone, "cls_pos_embed")}
+    own = backbone.state_dict()
+    extra = [k for k in sd if k not in own and k.startswith(("blocks.", "patch_embed.", "pos_embed."))]
+    if extra:
+        depths = getattr(backbone, "depths", None)
+        raise CheckpointError(f"{what}: {len(extra)} backbone tensors have no place in this backbone, e.g. "
+                              f"{', '.join(extra[:3])} (a deeper PVT's checkpoint? this backbone's depths are "
+                              f"{list(depths) if depths else 'different'})")
     report = _load_matching(backbone, sd, what)
     if report.missing:
         raise CheckpointError(f"{what}: {len(report.missing)} backbone tensors missing from the checkpoint, e.g. "
@@ -168,7 +176,8 @@ def load_detr_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
 
     The transformer, queries and heads load; `input_proj` and `class_embed` are skipped with a message when their
     shapes differ (other channel or class counts); keys the model does not have (DETR's ResNet `backbone.*`)
-    are reported as unused. Any other shape mismatch is an error.
+    are reported as unused. Any other shape mismatch is an error, and so are transformer layers (or, in one of
+    our checkpoints, PVT blocks) that one side has and the other not: nothing is loaded then.
     """
     what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "DETR state dict"
     sd = dict(_as_state_dict(path_or_state_dict, what))
@@ -176,4 +185,16 @@ def load_detr_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
         value = sd.pop(f"input_proj.{name}", None)
         if value is not None:
             sd[f"input_proj.0.{name}"] = value.flatten(1) if value.dim() == 4 else value
+    own = model.state_dict()
+    prefixes = ["transformer."]
+    if any(k.startswith(("backbone.blocks.", "backbone.patch_embed.", "backbone.pos_embed.")) for k in sd):
+        prefixes.append("backbone.")  # a pvt-detr checkpoint: its backbone must fit too
+    for prefix in prefixes:
+        extra = sorted(k for k in sd if k.startswith(prefix) and k not in own)
+        missing = sorted(k for k in own if k.startswith(prefix) and k not in sd)
+        if extra or missing:
+            example = f"e.g. {extra[0]} only in the checkpoint" if extra else f"e.g. {missing[0]} not in it"
+            raise CheckpointError(f"{what}: its {prefix.rstrip('.')} does not fit this model ({len(extra)} tensors "
+                                  f"only in the checkpoint, {len(missing)} only in the model; {example}): "
+                                  "different layer counts or depths?")
     return _load_matching(model, sd, what, skippable=("input_proj.", "class_embed."))

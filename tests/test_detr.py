@@ -197,6 +197,23 @@ def test_load_detr_checkpoint_architecture_mismatch_is_one_line(tmp_path):
     assert "\n" not in str(err.value) and "different architecture" in str(err.value)
 
 
+@pytest.mark.parametrize("source_args,target_args,part", [
+    (["--dec_layers", "3"], [], "transformer"),  # a decoder layer only in the checkpoint
+    ([], ["--enc_layers", "2"], "transformer"),  # an encoder layer only in the model
+    ([], ["--pre_norm"], "transformer"),  # the pre-norm encoder's final norm only in the model
+    (["--backbone", "pvt_tiny"], [], "backbone"),  # one of our checkpoints with a deeper PVT
+])
+def test_load_detr_checkpoint_with_other_layer_counts_is_an_error_and_loads_nothing(source_args, target_args, part):
+    source, _, _ = small_model(*source_args)
+    target, _, _ = small_model(*target_args)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_detr_checkpoint(target, {"model": source.state_dict()})
+    message = str(err.value)
+    assert "\n" not in message and f"its {part} does not fit this model" in message, message
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
 def test_pickled_object_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "obj": _Unsafe()}, path)

@@ -88,6 +88,13 @@ def test_checkpoint_file_round_trip_and_errors(tmp_path):
     torch.testing.assert_close(ours.pos_embed[3], ref.pos_embed4[:, 1:])
     with pytest.raises(CheckpointError, match="missing"):
         load_pvt_checkpoint(build_backbone("pvt_small"), path)  # pvt_tiny has fewer blocks
+    deeper = RefPVT(depths=(3, 4, 6, 3)).state_dict()  # pvt_small's checkpoint into pvt_tiny: an error, not a part
+    target = build_backbone("pvt_tiny")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    expected = r"no place in this backbone, e\.g\. blocks\.0\.2\..*depths are \[2, 2, 2, 2\]"
+    with pytest.raises(CheckpointError, match=expected):
+        load_pvt_checkpoint(target, deeper)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing was loaded
     bad = dict(ref.state_dict())
     bad["block1.0.attn.q.weight"] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError, match=r"block1|blocks\.0\.0\.attn\.q\.weight.*shape"):
