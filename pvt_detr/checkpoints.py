@@ -9,6 +9,7 @@ layout; keys are remapped (`block{s}.{j}` -> `blocks.{s-1}.{j}`, `patch_embed{s}
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pvt_detr.models.patch_linear import conv_weight_to_linear
@@ -27,12 +29,14 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What a load did: keys loaded, checkpoint keys not used, model keys not filled, keys skipped and why."""
+    """What a load did: keys loaded, checkpoint keys not used, model keys not filled, keys skipped and why,
+    positional embeddings resized from another grid."""
 
     loaded: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    resized: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
@@ -41,6 +45,7 @@ class LoadReport:
         if self.missing:
             lines.append(f"model keys not in the checkpoint ({len(self.missing)}): {_summarise(self.missing)}")
         lines += [f"skipped {k}: {why}" for k, why in self.skipped.items()]
+        lines += [f"{k}: {how}" for k, how in self.resized.items()]
         return "\n".join(lines)
 
 
@@ -115,13 +120,35 @@ def pvt_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module)
                 break
         if value.dim() == 4 and (new_key.endswith("proj.weight") or new_key.endswith("attn.sr.weight")):
             value = conv_weight_to_linear(value)  # stride-P conv (O, I, P, P) -> linear (O, P*P*I)
-        if new_key == "pos_embed.3" and hasattr(model, "pos_embed"):
-            expected = model.pos_embed[3].shape[1]
-            if value.shape[1] == expected + 1:  # official stage-4 embedding: entry 0 belongs to the cls token
-                out["cls_pos_embed"] = value[:, :1]
+        if new_key == "pos_embed.3" and hasattr(model, "pos_embed") and value.dim() == 3:
+            n, expected = value.shape[1], model.pos_embed[3].shape[1]
+            if n == expected + 1 or (not _is_square(n) and _is_square(n - 1)):
+                out["cls_pos_embed"] = value[:, :1]  # official stage-4 embedding: entry 0 belongs to the cls token
                 value = value[:, 1:]
         out[new_key] = value
     return out
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def _resize_pos_embeds(sd: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, str]:
+    """Positional embeddings stored for another square grid (a checkpoint trained at another image size) are
+    resized in place in `sd` to the backbone's grids, bilinearly as at run time; returns {key: what was done}."""
+    done = {}
+    for i, own in enumerate(getattr(backbone, "pos_embed", [])):
+        key, value = f"pos_embed.{i}", sd.get(f"pos_embed.{i}")
+        if value is None or value.dim() != 3 or value.shape == own.shape or value.shape[2] != own.shape[2]:
+            continue
+        if not (_is_square(value.shape[1]) and _is_square(own.shape[1])):
+            continue
+        g, target = math.isqrt(value.shape[1]), math.isqrt(own.shape[1])
+        grid = value.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, C, g, g)
+        grid = F.interpolate(grid, size=(target, target), mode="bilinear", align_corners=False)
+        sd[key] = grid.permute(0, 2, 3, 1).reshape(1, target * target, -1).to(value.dtype)  # (1, target^2, C)
+        done[key] = f"resized from a {g} x {g} grid to {target} x {target}"
+    return done
 
 
 def _load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
@@ -164,7 +191,9 @@ def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
         raise CheckpointError(f"{what}: {len(extra)} backbone tensors have no place in this backbone, e.g. "
                               f"{', '.join(extra[:3])} (a deeper PVT's checkpoint? this backbone's depths are "
                               f"{list(depths) if depths else 'different'})")
+    resized = _resize_pos_embeds(sd, backbone)
     report = _load_matching(backbone, sd, what)
+    report.resized = resized
     if report.missing:
         raise CheckpointError(f"{what}: {len(report.missing)} backbone tensors missing from the checkpoint, e.g. "
                               f"{', '.join(report.missing[:3])} (not a PVT v1 checkpoint of this size?)")

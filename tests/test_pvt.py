@@ -103,6 +103,28 @@ def test_checkpoint_file_round_trip_and_errors(tmp_path):
         load_pvt_checkpoint(ours, tmp_path / "missing.pth")
 
 
+def test_checkpoint_trained_at_another_image_size_gets_its_positional_embeddings_resized():
+    """A PVT trained at 384 x 384 stores 96/48/24/12 grids: they are resized on load, as the reference does at run
+    time, so at 224 x 224 both compute the same features."""
+    torch.manual_seed(2)
+    ref = RefPVT(depths=(2, 2, 2, 2)).eval()
+    ref.grids = (96, 48, 24, 12)
+    for i, g in enumerate(ref.grids):
+        extra = 1 if i == 3 else 0
+        setattr(ref, f"pos_embed{i + 1}", torch.nn.Parameter(torch.randn(1, g * g + extra, ref.head.in_features
+                                                                         if i == 3 else (64, 128, 320)[i])))
+    ours = build_backbone("pvt_tiny", drop_path_rate=0.0).eval()
+    report = load_pvt_checkpoint(ours, ref.state_dict())
+    assert report.resized == {f"pos_embed.{i}": f"resized from a {g} x {g} grid to {g * 7 // 12} x {g * 7 // 12}"
+                              for i, g in enumerate(ref.grids)}
+    assert "pos_embed.3: resized from a 12 x 12 grid to 7 x 7" in str(report)
+    assert sorted(report.unused) == ["cls_token", "head.bias", "head.weight", "norm.bias", "norm.weight"]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for e, g in zip(ref(x), ours.forward_features(x)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
 def test_classifier_loads_everything_and_runs():
     ref = RefPVT(depths=(2, 2, 2, 2))
     clf = build_backbone("pvt_tiny", num_classes=1000).eval()
