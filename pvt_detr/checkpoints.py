@@ -62,7 +62,7 @@ def _load_error(path: Path, err: Exception) -> CheckpointError:
     if isinstance(err, pickle.UnpicklingError) and unsafe:
         return CheckpointError(f"{path}: refused to load, it holds more than tensors and plain types "
                                f"(weights_only=True): it pickles {unsafe.group(1)}")
-    if isinstance(err, pickle.UnpicklingError):  # torch's first lines are its weights_only advice: what broke
+    if isinstance(err, pickle.UnpicklingError) and text:  # torch's first lines are its weights_only advice
         reason = (re.findall(r"WeightsUnpickler error: \s*([^\n]+)", text) or [text.splitlines()[0]])[-1]
     elif isinstance(err, (RuntimeError, OSError)) and text:
         reason = text.splitlines()[0]
