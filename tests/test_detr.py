@@ -1,6 +1,8 @@
 """DETR model: attention equals torch's, inputs, batch invariance, gradients, no convolutions, DETR checkpoints."""
 
 import argparse
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +248,20 @@ def test_sr_ratios_flag_sets_each_stage_and_rejects_bad_values():
     for bad in ("2,1", "0,1,1,1"):
         with pytest.raises(ValueError, match="sr_ratios"):
             small_model("--sr_ratios", bad)
+
+
+@pytest.mark.parametrize("err,reason", [
+    (pickle.UnpicklingError(), "UnpicklingError"),
+    (pickle.UnpicklingError("Weights only load failed. Re-running...\n\nWeightsUnpickler error: Unsupported operand 3"),
+     "Unsupported operand 3"),
+    (RuntimeError("PytorchStreamReader failed reading zip archive: not a ZIP archive. This is an internal error. "
+                  "If you are seeing this error, there is a high likelihood ..."),
+     "PytorchStreamReader failed reading zip archive: not a ZIP archive"),
+    (KeyError(105), "KeyError: 105"),
+    (EOFError(), "EOFError"),
+])
+def test_every_torch_load_failure_is_worded_in_one_line(err, reason):
+    from pvt_detr.checkpoints import _load_error
+
+    message = str(_load_error(Path("w.pth"), err))
+    assert message == f"w.pth: not a readable checkpoint (truncated, corrupt or not a torch.save file?): {reason}"
