@@ -190,7 +190,7 @@ def ref_match(outputs, targets, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
 
 
 def ref_set_loss(outputs, targets, num_classes, eos_coef=0.1):
-    """DETR's SetCriterion (labels, boxes; aux layers suffixed _i): the unweighted loss dict."""
+    """DETR's SetCriterion (labels, boxes, cardinality; aux layers suffixed _i): the unweighted loss dict."""
     empty_weight = torch.ones(num_classes + 1)
     empty_weight[-1] = eos_coef
     num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
@@ -210,7 +210,26 @@ def ref_set_loss(outputs, targets, num_classes, eos_coef=0.1):
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
     losses = single(outputs)
+    with torch.no_grad():  # logged, not optimised: DETR's class_error and cardinality_error
+        indices = ref_match(outputs, targets)
+        matched = torch.cat([outputs["pred_logits"][i, src] for i, (src, _) in enumerate(indices)])
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        losses["class_error"] = 100 - (matched.argmax(-1) == labels).float().mean() * 100
+        predicted = (outputs["pred_logits"].argmax(-1) != outputs["pred_logits"].shape[-1] - 1).sum(1)
+        losses["cardinality_error"] = F.l1_loss(predicted.float(),
+                                                torch.tensor([len(t["labels"]) for t in targets]).float())
     for i, aux in enumerate(outputs["aux_outputs"]):
         losses.update({f"{k}_{i}": v for k, v in single(aux).items()})
     return losses
 
+
+
+@torch.no_grad()
+def ref_postprocess(outputs, target_sizes):
+    """DETR's PostProcess: best non-background class per query, boxes in absolute xyxy of (h, w) target sizes."""
+    prob = F.softmax(outputs["pred_logits"], -1)
+    scores, labels = prob[..., :-1].max(-1)
+    boxes = _cxcywh_to_xyxy(outputs["pred_boxes"])
+    img_h, img_w = target_sizes.unbind(1)
+    boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
+    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]

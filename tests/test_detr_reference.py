@@ -2,7 +2,8 @@
 
 Weights go from the reference into our model only through the public loaders, in the official formats: the
 backbone as a PVT ImageNet state dict (`load_pvt_checkpoint`), the rest as a facebookresearch/detr checkpoint
-(`load_detr_checkpoint`, with its 1 x 1 conv `input_proj`). Outputs, losses and gradients must then agree.
+(`load_detr_checkpoint`, with its 1 x 1 conv `input_proj`). Outputs, post-processed detections, losses (with the
+logged class and cardinality errors) and gradients must then agree.
 """
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import main
 from pvt_detr import build_model, load_detr_checkpoint, load_pvt_checkpoint
 from pvt_detr.checkpoints import pvt_checkpoint_filter
-from tests.detr_reference import RefDETR, ref_set_loss
+from tests.detr_reference import RefDETR, ref_postprocess, ref_set_loss
 from tests.pvt_reference import RefPVT
 
 NUM_CLASSES, QUERIES = 5, 10
@@ -25,14 +26,15 @@ def reference_and_ours(pre_norm: bool):
     ref = RefDETR(RefPVT(depths=(2, 2, 2, 2)), 512, NUM_CLASSES, QUERIES, d=64, heads=4, enc_layers=2, dec_layers=3,
                   ffn=128, pre_norm=pre_norm)
     torch.manual_seed(1)  # our own initialisation differs, so nothing passes by sharing it
-    ours, criterion, _ = build_model(main.get_args_parser().parse_args(ARGS + (["--pre_norm"] if pre_norm else [])))
+    ours, criterion, postprocessors = build_model(main.get_args_parser().parse_args(
+        ARGS + (["--pre_norm"] if pre_norm else [])))
     backbone_report = load_pvt_checkpoint(ours.backbone, ref.backbone.state_dict())
     assert sorted(backbone_report.unused) == ["cls_token", "head.bias", "head.weight", "norm.bias", "norm.weight"]
     report = load_detr_checkpoint(ours, ref.detr_checkpoint())
     assert not report.skipped
     assert all(k.startswith("backbone.") for k in report.missing)
     assert all(k.startswith("backbone.0.body.") for k in report.unused)
-    return ref, ours, criterion
+    return ref, ours, criterion, postprocessors
 
 
 def assert_outputs_close(ours: dict, ref: dict, index=slice(None)):
@@ -47,7 +49,7 @@ def assert_outputs_close(ours: dict, ref: dict, index=slice(None)):
 @pytest.mark.parametrize("pre_norm", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("size,batch", [((224, 224), 2), ((333, 517), 1)])
 def test_detector_equals_the_reference(pre_norm, size, batch):
-    ref, ours, _ = reference_and_ours(pre_norm)
+    ref, ours, _, postprocessors = reference_and_ours(pre_norm)
     ref.eval()
     ours.eval()
     images = torch.randn(batch, 3, *size)
@@ -58,10 +60,15 @@ def test_detector_equals_the_reference(pre_norm, size, batch):
     assert expected["pred_logits"].std() > 0.1  # outputs that vary, not saturated constants
     with torch.enable_grad():
         assert_outputs_close(ours(images), expected)  # the autograd path
+    sizes = torch.tensor([[480, 640], [427, 333]])[:batch]
+    for got, want in zip(postprocessors["bbox"](fast, sizes), ref_postprocess(expected, sizes)):
+        torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
+        assert torch.equal(got["labels"], want["labels"])
+        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-2)
 
 
 def test_padded_batch_equals_the_reference_on_each_image_alone():
-    ref, ours, _ = reference_and_ours(False)
+    ref, ours, _, _ = reference_and_ours(False)
     ref.eval()
     ours.eval()
     images = [torch.randn(3, 224, 256), torch.randn(3, 160, 192)]
@@ -76,7 +83,7 @@ def test_padded_batch_equals_the_reference_on_each_image_alone():
 
 
 def test_training_losses_and_gradients_equal_the_reference():
-    ref, ours, criterion = reference_and_ours(False)
+    ref, ours, criterion, _ = reference_and_ours(False)
     ref.train()
     ours.train()
     criterion.train()
@@ -91,14 +98,14 @@ def test_training_losses_and_gradients_equal_the_reference():
 
     expected = ref_set_loss(ref(images, torch.zeros(2, 192, 224, dtype=torch.bool)), targets, NUM_CLASSES)
     losses = criterion(ours(images), targets)
-    assert len(expected) == 9
+    assert len(expected) == 11
     for key, value in expected.items():
         torch.testing.assert_close(losses[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
     weights = criterion.weight_dict
     assert weights["loss_ce"] == 1 and weights["loss_bbox"] == 5 and weights["loss_giou"] == 2
-    sum(expected[k] * weights[k] for k in expected).backward()
-    sum(losses[k] * weights[k] for k in expected).backward()
+    sum(expected[k] * weights[k] for k in expected if k in weights).backward()
+    sum(losses[k] * weights[k] for k in expected if k in weights).backward()
 
     ref_grads = {k: p.grad for k, p in ref.named_parameters()}
     our_grads = {k: p.grad for k, p in ours.named_parameters()}
