@@ -1,6 +1,7 @@
 """End to end through the CLI: a subprocess running main.py on a tiny generated dataset."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,17 @@ def test_bad_config_files_are_one_line_errors_naming_the_file(tmp_path, capsys, 
         parse_args(main.get_args_parser(), ["--config", str(cfg), "--dataset_file", "demo"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and f"--config {cfg}: {message}" in last, last
+
+
+@pytest.mark.slow
+def test_amp_on_cpu_trains_in_bfloat16_close_to_float32(trained, tmp_path):
+    """--amp on the CPU runs the forward under bfloat16 autocast: the same run's first epoch ends at a finite loss
+    close to, but not bit-equal with, the float32 one (the fixture's run, same data and seed)."""
+    data, fp32_out, _ = trained
+    proc = run_main("--coco_path", data, "--output_dir", tmp_path / "amp", "--epochs", "1", "--amp")
+    assert "--amp on CPU uses bfloat16 autocast" in proc.stdout
+    amp = json.loads((tmp_path / "amp" / "log.txt").read_text().splitlines()[0])
+    fp32 = json.loads((fp32_out / "log.txt").read_text().splitlines()[0])
+    assert math.isfinite(amp["train_loss"]) and len(amp["test_coco_eval_bbox"]) == 12
+    assert amp["train_loss"] != fp32["train_loss"]  # autocast did change the arithmetic
+    assert amp["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
