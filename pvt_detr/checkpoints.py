@@ -129,6 +129,9 @@ def pvt_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module)
     return out
 
 
+PVT_PARTS = ("blocks.", "patch_embed.", "pos_embed.")  # backbone tensors that depend on the PVT's depths
+
+
 def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
@@ -178,14 +181,18 @@ def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
     """Loads an official PVT v1 ImageNet checkpoint (or one of ours) into a PVT backbone.
 
     Every backbone tensor must be filled; for an official file the unused keys are `cls_token`, `norm.*`, `head.*`
-    (classification parts a detection backbone does not have). Blocks this backbone does not have (a deeper PVT's
-    checkpoint) are an error too, checked before anything is loaded.
+    (classification parts a detection backbone does not have). Missing tensors and blocks this backbone does not
+    have (a deeper PVT's checkpoint) are errors, checked before anything is loaded.
     """
     what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "PVT state dict"
     sd = pvt_checkpoint_filter(_as_state_dict(path_or_state_dict, what), backbone)
     sd = {k: v for k, v in sd.items() if k != "cls_pos_embed" or hasattr(backbone, "cls_pos_embed")}
     own = backbone.state_dict()
-    extra = [k for k in sd if k not in own and k.startswith(("blocks.", "patch_embed.", "pos_embed."))]
+    extra = [k for k in sd if k not in own and k.startswith(PVT_PARTS)]
+    missing = sorted(k for k in own if k not in sd)
+    if missing:
+        raise CheckpointError(f"{what}: {len(missing)} backbone tensors missing from the checkpoint, e.g. "
+                              f"{', '.join(missing[:3])} (not a PVT v1 checkpoint of this size?)")
     if extra:
         depths = getattr(backbone, "depths", None)
         raise CheckpointError(f"{what}: {len(extra)} backbone tensors have no place in this backbone, e.g. "
@@ -194,9 +201,6 @@ def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
     resized = _resize_pos_embeds(sd, backbone)
     report = _load_matching(backbone, sd, what)
     report.resized = resized
-    if report.missing:
-        raise CheckpointError(f"{what}: {len(report.missing)} backbone tensors missing from the checkpoint, e.g. "
-                              f"{', '.join(report.missing[:3])} (not a PVT v1 checkpoint of this size?)")
     return report
 
 
@@ -216,7 +220,7 @@ def load_detr_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
             sd[f"input_proj.0.{name}"] = value.flatten(1) if value.dim() == 4 else value
     own = model.state_dict()
     prefixes = ["transformer."]
-    if any(k.startswith(("backbone.blocks.", "backbone.patch_embed.", "backbone.pos_embed.")) for k in sd):
+    if any(k.startswith(tuple("backbone." + part for part in PVT_PARTS)) for k in sd):
         prefixes.append("backbone.")  # a pvt-detr checkpoint: its backbone must fit too
     for prefix in prefixes:
         extra = sorted(k for k in sd if k.startswith(prefix) and k not in own)

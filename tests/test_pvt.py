@@ -86,8 +86,11 @@ def test_checkpoint_file_round_trip_and_errors(tmp_path):
     load_pvt_checkpoint(ours, path)
     torch.testing.assert_close(ours.blocks[0][1].attn.sr.weight, conv_weight_to_linear(ref.block1[1].attn.sr.weight))
     torch.testing.assert_close(ours.pos_embed[3], ref.pos_embed4[:, 1:])
+    deeper_model = build_backbone("pvt_small")
+    untouched = {k: v.clone() for k, v in deeper_model.state_dict().items()}
     with pytest.raises(CheckpointError, match="missing"):
-        load_pvt_checkpoint(build_backbone("pvt_small"), path)  # pvt_tiny has fewer blocks
+        load_pvt_checkpoint(deeper_model, path)  # pvt_tiny has fewer blocks
+    assert all(torch.equal(v, untouched[k]) for k, v in deeper_model.state_dict().items())  # nothing was loaded
     deeper = RefPVT(depths=(3, 4, 6, 3)).state_dict()  # pvt_small's checkpoint into pvt_tiny: an error, not a part
     target = build_backbone("pvt_tiny")
     before = {k: v.clone() for k, v in target.state_dict().items()}
