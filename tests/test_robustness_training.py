@@ -428,6 +428,53 @@ def test_stop_signals_checkpoint_and_exit_0_and_resuming_gives_the_uninterrupted
     assert_same_run(out, ref_out)
 
 
+# Runs main.py after patching the training set so that loader worker 0, loading its second image of the run, sends
+# GROUP_SIGNAL to the whole process group (the main process waits for that batch), as SLURM's time limit, scancel
+# and `timeout` do.
+GROUP_SIGNAL_WRAPPER = """
+import os, runpy, signal, sys
+root = sys.argv.pop(1)
+sys.path.insert(0, root)
+import torch.utils.data
+import training.sampling as sampling
+original, loaded = sampling.EpochSeededDataset.__getitem__, []
+def signalling_getitem(self, index):
+    worker = torch.utils.data.get_worker_info()
+    if worker is not None and worker.id == 0 and self.epoch == 0:
+        loaded.append(index)
+        if len(loaded) == 2:
+            os.killpg(os.getpgrp(), getattr(signal, os.environ["GROUP_SIGNAL"]))
+    return original(self, index)
+sampling.EpochSeededDataset.__getitem__ = signalling_getitem
+sys.argv[0] = os.path.join(root, "main.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR2"])
+def test_a_stop_signal_to_the_whole_process_group_still_checkpoints_with_loader_workers(reference, tmp_path, name):
+    """SLURM (time limit, scancel) and `timeout` signal every process of the job, data-loader workers included.
+    The workers leave the stop to the main process: it checkpoints after the step, exits 0, and resuming gives the
+    uninterrupted run. (Workers used to die mid-batch and the run failed with "DataLoader worker ... killed by
+    signal" and no checkpoint.)"""
+    data, ref_out = reference
+    out = tmp_path / "run"
+    wrapper = [sys.executable, "-c", GROUP_SIGNAL_WRAPPER, str(ROOT)]
+    proc = subprocess.run(wrapper + _main_command(data, out, "--num_workers", "2")[2:], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, start_new_session=True,
+                          env=_env(GROUP_SIGNAL=name))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"received {name}: saved checkpoint at epoch 0 step 1; resume with --resume auto" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+    proc = subprocess.run(_main_command(data, out, "--resume", "auto", "--num_workers", "2"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "epoch 0, step 1" in proc.stdout
+    assert_same_run(out, ref_out)
+
+
 def _wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:

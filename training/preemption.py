@@ -3,6 +3,10 @@
 The handler only records the signal; the engine checks `requested` at step boundaries, writes a checkpoint,
 then calls `finish()`: a handler installed before ours (submitit's requeue on USR2) runs next, otherwise the
 process exits with code 0.
+
+SLURM (at the time limit, on `scancel`), `timeout`, container runtimes and a terminal send the signal to every
+process of the job, data-loader workers included; workers therefore ignore these signals (`ignore_stop_signals`)
+and leave the stop to the main process, instead of dying and taking the run down before it can checkpoint.
 """
 
 from __future__ import annotations
@@ -52,3 +56,13 @@ class PreemptionHandler:
         if callable(prev) and prev not in (signal.default_int_handler,):
             prev(sig, None)
         sys.exit(0)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores the stop signals, which the main process handles.
+
+    PyTorch's workers otherwise die on SIGTERM (and on SIGUSR1/2 by default), and the main process then fails with
+    "DataLoader worker is killed by signal" at its next batch. A worker still exits when the main process ends.
+    """
+    for sig in PreemptionHandler.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -36,7 +36,7 @@ from training.config import config_dict, save_config
 from training.engine import NonFiniteLossError, evaluate, progress_enabled, train_one_epoch
 from training.logs import TensorBoardLogger, append_log, plot_curves, read_log, truncate_log
 from training.optim import build_lr_scheduler, build_optimizer
-from training.preemption import PreemptionHandler
+from training.preemption import PreemptionHandler, ignore_stop_signals
 from training.sampling import EpochSeededDataset, ResumableSampler
 
 
@@ -54,9 +54,11 @@ def _loader(dataset, sampler, batch_size: int, train: bool, num_workers: int, se
     # The loader draws its worker seeds from its own generator, so the global RNG (dropout, drop path) is touched
     # by the model alone and a checkpoint's RNG state resumes the exact same run.
     batches = BatchSampler(sampler, batch_size, drop_last=train and len(sampler) >= batch_size)
+    # Workers ignore stop signals sent to the whole job (SLURM, timeout): the main process checkpoints and stops.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
 
 
 def _resolve_resume(args) -> Path | None:
