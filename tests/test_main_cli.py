@@ -99,6 +99,17 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
+
+def test_an_output_dir_that_cannot_be_written_is_a_one_line_error_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_main("--output_dir", blocker / "out", "--coco_path", tmp_path / "data", check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --output_dir {blocker / 'out'}: cannot write there: " \
+                                                    "Not a directory"
+    assert "Traceback" not in proc.stderr and "training" not in proc.stdout and not (tmp_path / "data").exists()
+
+
 def test_config_file_sets_defaults_and_cli_wins(tmp_path):
     sys.path.insert(0, str(ROOT))
     import main

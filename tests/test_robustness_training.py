@@ -344,6 +344,32 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, stage):
     assert remove_stale_temp_files(tmp_path) == leftovers and list(tmp_path.iterdir()) == [path]
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_leaves_the_target_alone(tmp_path):
+    """A real failing write: a folder sits where the checkpoint goes (the rename fails), as disk-full or read-only
+    folders fail the write itself (torch.save then raises RuntimeError, also turned into a CheckpointError)."""
+    from pvt_detr.checkpoints import CheckpointError
+
+    path = tmp_path / "checkpoint.pth"
+    (path / "inside").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 0, "step": 0}, path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: cannot write the checkpoint: Is a directory") and "\n" not in message
+    assert message.endswith("MiB free there); the previous one, if any, is unchanged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"] and (path / "inside").is_dir()
+
+
+@pytest.mark.slow
+def test_the_cli_stops_with_one_line_when_a_checkpoint_cannot_be_written(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint.pth" / "inside").mkdir(parents=True)
+    proc = subprocess.run(_main_command(tmp_path / "data", out, "--epochs", "1"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'checkpoint.pth'}: cannot write the")
+    assert "Traceback" not in proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stop signals and kill -9 during training, end to end
 

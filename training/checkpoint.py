@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +64,12 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
     The data goes to a hidden temporary file in the same folder (flushed and fsynced), which is then renamed
     over `path`. A process killed mid-write leaves that temporary file behind; `remove_stale_temp_files` deletes it.
+    A failed write (disk full, ...) raises a one-line CheckpointError naming `path` and leaves `path` as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -78,9 +80,20 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except (OSError, RuntimeError) as e:  # disk full (torch's zip writer raises RuntimeError), quota, read-only...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: cannot write the checkpoint: {reason}{_free_space(path.parent)}; the previous "
+                              "one, if any, is unchanged") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)"
+    except OSError:
+        return ""
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:

@@ -9,6 +9,7 @@ SIGUSR1, SIGUSR2) checkpoints at the next step boundary and exits with code 0.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -59,6 +60,17 @@ def _loader(dataset, sampler, batch_size: int, train: bool, num_workers: int, se
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+
+
+def _prepare_output_dir(output_dir: Path) -> None:
+    """Creates --output_dir and checks that files can be written there, before any training (one-line RunError)."""
+    probe = output_dir / f".write-test-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--output_dir {output_dir}: cannot write there: {e.strerror or e}") from None
 
 
 def _resolve_resume(args) -> Path | None:
@@ -127,7 +139,7 @@ def _run(args, preemption: PreemptionHandler) -> dict:
     output_dir = Path(args.output_dir) if args.output_dir else None
     main_process = dist_utils.is_main_process()
     if output_dir is not None and main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_output_dir(output_dir)
     if args.amp and device.type == "cpu":
         print("note: --amp on CPU uses bfloat16 autocast")
 
