@@ -360,13 +360,16 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_leaves_the_
 
 
 @pytest.mark.slow
-def test_the_cli_stops_with_one_line_when_a_checkpoint_cannot_be_written(tmp_path):
+@pytest.mark.parametrize("blocked", ["checkpoint.pth", "log.txt"])
+def test_the_cli_stops_with_one_line_when_an_output_cannot_be_written(tmp_path, blocked):
+    """A folder where the checkpoint or the log goes: the run ends with one line naming that file, exit code 1."""
     out = tmp_path / "run"
-    (out / "checkpoint.pth" / "inside").mkdir(parents=True)
+    (out / blocked / "inside").mkdir(parents=True)
     proc = subprocess.run(_main_command(tmp_path / "data", out, "--epochs", "1"), cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'checkpoint.pth'}: cannot write the")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out / blocked}: cannot write") and "Is a directory" in last, last
     assert "Traceback" not in proc.stderr
 
 

@@ -8,6 +8,7 @@ SIGUSR1, SIGUSR2) checkpoints at the next step boundary and exits with code 0.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -105,6 +106,11 @@ def _collective_failure(error: BaseException) -> bool:
     return dist_utils.is_dist_avail_and_initialized() and any(m in text for m in COLLECTIVE_FAILURE_MARKERS)
 
 
+# Failures of the storage rather than of the code (disk full, quota, read-only, permissions, a file or folder in the
+# way): reported in one line naming the file.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
+
+
 def run(args) -> dict:
     """Runs training (or evaluation with --eval); returns the last evaluation stats. Exits 1 with one line on
     expected errors."""
@@ -113,6 +119,13 @@ def run(args) -> dict:
         return _run(args, preemption)
     except (DatasetError, CheckpointError, NonFiniteLossError, RunError, dist_utils.DistributedSetupError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        dist_utils.cleanup()
+        raise SystemExit(1) from None
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}cannot write or read it: {e.strerror or e}", file=sys.stderr, flush=True)
         dist_utils.cleanup()
         raise SystemExit(1) from None
     except RuntimeError as e:
