@@ -124,8 +124,8 @@ def run(args) -> dict:
     except OSError as e:
         if e.errno not in _STORAGE_ERRNOS:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}cannot write or read it: {e.strerror or e}", file=sys.stderr, flush=True)
+        what = f"{e.filename}: cannot write or read it" if e.filename else "a file could not be written or read"
+        print(f"error: {what}: {e.strerror or e}", file=sys.stderr, flush=True)
         dist_utils.cleanup()
         raise SystemExit(1) from None
     except RuntimeError as e:
