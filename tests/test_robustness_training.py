@@ -457,6 +457,42 @@ def test_stop_signals_checkpoint_and_exit_0_and_resuming_gives_the_uninterrupted
     assert_same_run(out, ref_out)
 
 
+@pytest.mark.slow
+def test_resuming_with_another_batch_size_keeps_the_lr_schedule_on_epochs(reference, tmp_path):
+    """A run resumed with another world size or batch size has another number of steps per epoch: the restored
+    schedule is re-aligned to this run's (LR drop and warm-up at the right epoch), and an epoch interrupted mid-way
+    restarts from its first step (the saved step counts another run's batches)."""
+    data, _ = reference
+    out = tmp_path / "run"
+    proc = subprocess.run(_main_command(data, out, "--epochs", "1"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # batch 4: 3 steps per epoch
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["lr_scheduler"]["last_epoch"] == 3
+
+    proc = subprocess.run(_main_command(data, out, "--epochs", "3", "--batch_size", "2", "--resume", "auto"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # 6 steps per epoch
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "was trained with 1 process(es) x 4 images per step, this run uses 1 x 2: the LR schedule follows this " \
+           "run's 6 steps per epoch\n" in proc.stdout
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (state["epoch"], state["step"], state["lr_scheduler"]["last_epoch"]) == (3, 0, 18)  # not 3 + 12
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-5)  # --lr_drop 1: dropped since epoch 1
+
+    wrapper = [sys.executable, "-c", SELF_SIGNAL_WRAPPER, str(ROOT)]
+    mid = tmp_path / "mid"
+    proc = subprocess.run(wrapper + _main_command(data, mid)[2:], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=_env(SELF_SIGNAL="SIGTERM:0:1"))
+    assert "saved checkpoint at epoch 0 step 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = subprocess.run(_main_command(data, mid, "--batch_size", "2", "--resume", "auto"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "and epoch 0, interrupted at step 2, restarts from its first step" in proc.stdout
+    assert "epoch 0, step 0" in proc.stdout
+    state = torch.load(mid / "checkpoint.pth", weights_only=True)
+    assert (state["epoch"], state["lr_scheduler"]["last_epoch"]) == (2, 12)
+    assert [e["epoch"] for e in _log(mid)] == [0, 1] and all(e["train_steps"] == 6 for e in _log(mid))
+
+
 # Runs main.py after patching the training set so that loader worker 0, loading its second image of the run, sends
 # GROUP_SIGNAL to the whole process group (the main process waits for that batch), as SLURM's time limit, scancel
 # and `timeout` do.

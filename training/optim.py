@@ -32,3 +32,17 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, args, iters_per_epoch: 
         return warm * (0.1 if it // iters_per_epoch >= args.lr_drop else 1.0)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def align_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, iteration: int) -> None:
+    """Puts a resumed schedule at `iteration` steps done (epoch * iters_per_epoch + step of the current run).
+
+    A restored LambdaLR counts the steps of the run that saved it; after a change of world size or batch size an
+    epoch has another number of steps, and that count would put the LR drop and the warm-up at the wrong epoch.
+    A no-op when nothing changed.
+    """
+    scheduler.last_epoch = iteration
+    lrs = [base * fn(iteration) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

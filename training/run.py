@@ -37,7 +37,7 @@ from training.checkpoint import (
 from training.config import config_dict, save_config
 from training.engine import NonFiniteLossError, evaluate, progress_enabled, train_one_epoch
 from training.logs import TensorBoardLogger, append_log, plot_curves, read_log, truncate_log
-from training.optim import build_lr_scheduler, build_optimizer
+from training.optim import align_lr_scheduler, build_lr_scheduler, build_optimizer
 from training.preemption import PreemptionHandler, ignore_stop_signals
 from training.sampling import EpochSeededDataset, ResumableSampler
 
@@ -230,8 +230,17 @@ def _run(args, preemption: PreemptionHandler) -> dict:
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = state["epoch"], state["step"]
         start_totals = state.get("epoch_totals") if start_step > 0 else None  # sums of the interrupted epoch
+        saved = state.get("config") or {}
+        before = (saved.get("world_size", world), saved.get("batch_size", args.batch_size))
+        if before != (world, args.batch_size):
+            print(f"note: {resume_path} was trained with {before[0]} process(es) x {before[1]} images per step, this "
+                  f"run uses {world} x {args.batch_size}: the LR schedule follows this run's {iters_per_epoch} "
+                  "steps per epoch" + (f", and epoch {start_epoch}, interrupted at step {start_step}, restarts from "
+                                       "its first step" if start_step > 0 else ""))
+            start_step, start_totals = 0, None  # this run's shards and steps do not continue the saved ones
         if start_step >= iters_per_epoch:
             start_epoch, start_step, start_totals = start_epoch + 1, 0, None
+        align_lr_scheduler(lr_scheduler, start_epoch * iters_per_epoch + start_step)
         rng = state.get("rng", {}).get(str(rank))
         if rng is not None:
             set_rng_state(rng)
