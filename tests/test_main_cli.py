@@ -99,7 +99,6 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-
 def test_an_output_dir_that_cannot_be_written_is_a_one_line_error_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
