@@ -17,10 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pvt_detr.models.patch_linear import conv_weight_to_linear
+from pvt_detr.models.pvt import resize_pos_embed
 
 
 class CheckpointError(ValueError):
@@ -147,9 +147,8 @@ def _resize_pos_embeds(sd: dict[str, torch.Tensor], backbone: nn.Module) -> dict
         if not (_is_square(value.shape[1]) and _is_square(own.shape[1])):
             continue
         g, target = math.isqrt(value.shape[1]), math.isqrt(own.shape[1])
-        grid = value.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, C, g, g)
-        grid = F.interpolate(grid, size=(target, target), mode="bilinear", align_corners=False)
-        sd[key] = grid.permute(0, 2, 3, 1).reshape(1, target * target, -1).to(value.dtype)  # (1, target^2, C)
+        grid = resize_pos_embed(value.float().contiguous(), (target, target))  # (1, target, target, C), as at run time
+        sd[key] = grid.reshape(1, target * target, -1).to(value.dtype)  # (1, target^2, C)
         done[key] = f"resized from a {g} x {g} grid to {target} x {target}"
     return done
 

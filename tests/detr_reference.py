@@ -223,7 +223,6 @@ def ref_set_loss(outputs, targets, num_classes, eos_coef=0.1):
     return losses
 
 
-
 @torch.no_grad()
 def ref_postprocess(outputs, target_sizes):
     """DETR's PostProcess: best non-background class per query, boxes in absolute xyxy of (h, w) target sizes."""

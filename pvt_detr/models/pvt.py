@@ -41,6 +41,16 @@ def _bilinear_taps(out_len: torch.Tensor, size: int, in_len: int) -> tuple[torch
     return i0.clamp(max=in_len - 1), (i0 + 1).clamp(max=in_len - 1), w1
 
 
+def resize_pos_embed(pos: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Positional embedding of a square g x g grid (1, g * g, C) resized bilinearly to h x w: (1, h, w, C)."""
+    g = math.isqrt(pos.shape[1])
+    pos = pos.view(1, g, g, -1)  # (1, g, g, C)
+    if tuple(hw) == (g, g):
+        return pos
+    pos = F.interpolate(pos.permute(0, 3, 1, 2), size=tuple(hw), mode="bilinear", align_corners=False)
+    return pos.permute(0, 2, 3, 1)  # (1, h, w, C)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + drop_path(SRA(norm1(x))), then x + drop_path(MLP(norm2(x)))."""
 
@@ -161,12 +171,7 @@ class PyramidVisionTransformer(nn.Module):
 
     def _pos_embed(self, stage: int, hw: tuple[int, int]) -> torch.Tensor:
         """Stage positional embedding resized to an h x w grid: (1, h, w, C)."""
-        g = self.pretrain_grids[stage]
-        pos = self.pos_embed[stage].view(1, g, g, -1)  # (1, g, g, C)
-        if tuple(hw) == (g, g):
-            return pos
-        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=tuple(hw), mode="bilinear", align_corners=False)
-        return pos.permute(0, 2, 3, 1)  # (1, h, w, C)
+        return resize_pos_embed(self.pos_embed[stage], hw)
 
     def _pos_embed_per_image(self, stage: int, valid_hw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Stage positional embedding resized to each image's valid h_b x w_b tokens, zero on padding: (B, H, W, C).
