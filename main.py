@@ -28,6 +28,15 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _add_switch(parser: argparse.ArgumentParser, dest: str, on: str, off: str, default: bool, help_on: str,
+                help_off: str | None = None) -> None:
+    """An on/off setting with a flag for each state, so a command line can override a --config file either way."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(on, dest=dest, action="store_true", default=default, help=help_on)
+    group.add_argument(off, dest=dest, action="store_false", default=default,
+                       help=help_off or f"turn {on} off (e.g. where a --config file turns it on)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """DETR-style parser; defaults are the paper's PVT-Small + DETR recipe."""
     parser = argparse.ArgumentParser("pvt-detr training and evaluation", add_help=False)
@@ -61,12 +70,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", default=0.1, type=float, help="transformer dropout")
     parser.add_argument("--nheads", default=8, type=int, help="attention heads")
     parser.add_argument("--num_queries", default=100, type=int, help="object queries")
-    parser.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers")
-    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false", help="disable per-layer aux losses")
+    _add_switch(parser, "pre_norm", "--pre_norm", "--no_pre_norm", False, "pre-norm transformer layers")
+    _add_switch(parser, "aux_loss", "--aux_loss", "--no_aux_loss", True, "per-layer aux losses (the default)",
+                "disable per-layer aux losses")
     # Opt-in convergence aids (not in the paper's recipe; off by default).
-    parser.add_argument("--anchor_queries", action="store_true",
-                        help="queries own learned reference boxes (DAB-DETR style): query position = MLP(sine(box)), "
-                             "boxes predicted as offsets to them; off = DETR's learned query embeddings")
+    _add_switch(parser, "anchor_queries", "--anchor_queries", "--no_anchor_queries", False,
+                "queries own learned reference boxes (DAB-DETR style): query position = MLP(sine(box)), "
+                "boxes predicted as offsets to them; off = DETR's learned query embeddings")
     parser.add_argument("--anchor_size", default=0.25, type=float,
                         help="initial width/height of the reference boxes (fraction of the image), --anchor_queries")
     parser.add_argument("--num_groups", default=1, type=int,
@@ -76,9 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DN-DETR denoising training (needs --anchor_queries): this many noised copies of the "
                              "ground-truth boxes per image are decoded as extra queries that must reconstruct them; "
                              "0 = off")
-    parser.add_argument("--two_stage", action="store_true",
-                        help="Deformable DETR two-stage (needs --anchor_queries): encoder tokens predict boxes with "
-                             "the set loss; the --num_queries best become the decoder's reference boxes")
+    _add_switch(parser, "two_stage", "--two_stage", "--no_two_stage", False,
+                "Deformable DETR two-stage (needs --anchor_queries): encoder tokens predict boxes with "
+                "the set loss; the --num_queries best become the decoder's reference boxes")
     parser.add_argument("--two_stage_repeat", default=1, type=int,
                         help="--two_stage: match each target to this many encoder tokens (H-DETR one-to-many); "
                              "1 = one-to-one as in Deformable DETR")
@@ -93,9 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--giou_loss_coef", default=2.0, type=float, help="loss weight: GIoU")
     parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
     parser.add_argument("--cls_loss_coef", default=1.0, type=float, help="loss weight: classification")
-    parser.add_argument("--focal_loss", action="store_true",
-                        help="sigmoid focal classification loss (Deformable DETR) with a K-way sigmoid head and "
-                             "top-100 (query, class) post-processing instead of softmax CE with no-object")
+    _add_switch(parser, "focal_loss", "--focal_loss", "--no_focal_loss", False,
+                "sigmoid focal classification loss (Deformable DETR) with a K-way sigmoid head and "
+                "top-100 (query, class) post-processing instead of softmax CE with no-object")
     parser.add_argument("--focal_alpha", default=0.25, type=float, help="alpha of --focal_loss")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="max category id + 1; default: derived from the annotation file")
@@ -118,7 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # Run.
     parser.add_argument("--output_dir", default="", help="where checkpoints, logs and results go")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only; bf16 autocast on CPU)")
+    _add_switch(parser, "amp", "--amp", "--no_amp", False, "mixed precision (fp16 on CUDA, bf16 autocast on CPU)")
     parser.add_argument("--seed", default=42, type=int, help="random seed (each rank adds its rank)")
     parser.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth)")
     parser.add_argument("--finetune", default="", help="DETR or pvt-detr checkpoint to start from (new run)")
@@ -127,7 +137,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=2, type=int, help="data loader workers")
     parser.add_argument("--num_threads", default=0, type=int,
                         help="torch intra-op CPU threads (torch.set_num_threads); 0 = torch's default")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    _add_switch(parser, "no_progress", "--no_progress", "--progress", False, "no progress bars",
+                "progress bars on a terminal (the default; overrides no_progress in a --config file)")
     parser.add_argument("--max_nonfinite_steps", default=0, type=int,
                         help="non-finite loss/grad steps skipped before the run stops (0 = stop at the first)")
     parser.add_argument("--plot_threshold", default=0.5, type=float,

@@ -327,6 +327,11 @@ def check_model_args(args) -> None:
         raise ValueError(f"--sr_ratios must be 4 ratios >= 1 (one per stage), got {sr_ratios}")
     if not 0 < getattr(args, "anchor_size", 0.25) < 1:
         raise ValueError(f"--anchor_size must be in (0, 1), got {args.anchor_size}")
+    two_stage, dn_groups = getattr(args, "two_stage", False), getattr(args, "dn_groups", 0)
+    if (two_stage or dn_groups > 0) and not getattr(args, "anchor_queries", False):
+        raise ValueError(f"--{'two_stage' if two_stage else 'dn_groups'} needs --anchor_queries")
+    if two_stage and getattr(args, "num_groups", 1) > 1:
+        raise ValueError(f"--two_stage does not support --num_groups > 1, got {args.num_groups}")
 
 
 def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:

@@ -91,7 +91,14 @@ def test_bad_flags_are_one_line_errors(tmp_path):
              (["--batch_size", "0"], "--batch_size must be positive"),
              (["--sr_ratios", "8,4,2"], "--sr_ratios must be 4 ratios >= 1"),
              (["--anchor_queries", "--anchor_size", "1.5"], "--anchor_size must be in (0, 1)"),
-             (["--dropout", "1"], "--dropout and --drop_path must be in [0, 1)")]
+             (["--dropout", "1"], "--dropout and --drop_path must be in [0, 1)"),
+             (["--two_stage"], "--two_stage needs --anchor_queries"),
+             (["--dn_groups", "2"], "--dn_groups needs --anchor_queries"),
+             (["--config", ROOT / "configs" / "demo.yaml", "--num_groups", "2"],
+              "--two_stage does not support --num_groups > 1, got 2"),
+             (["--config", ROOT / "configs" / "demo.yaml", "--no_anchor_queries"],
+              "--two_stage needs --anchor_queries"),
+             (["--two_stage", "--no_two_stage"], "not allowed with argument")]
     for args, message in cases:
         proc = run_main(*args, check=False, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
@@ -119,6 +126,18 @@ def test_config_file_sets_defaults_and_cli_wins(tmp_path):
     parser = main.get_args_parser()
     args = parse_args(parser, ["--config", str(cfg), "--dataset_file", "demo", "--lr", "1e-3"])
     assert args.lr == 1e-3 and args.train_sizes == [96, 128] and args.backbone == "pvt_tiny" and args.pre_norm
+    # every on/off flag can be undone on the command line, whatever the file says
+    cfg.write_text("pre_norm: true\naux_loss: false\nanchor_queries: true\ntwo_stage: true\nfocal_loss: true\n"
+                   "amp: true\nno_progress: true\n")
+    switches = ["pre_norm", "aux_loss", "anchor_queries", "two_stage", "focal_loss", "amp", "no_progress"]
+    from_file = parse_args(main.get_args_parser(), ["--config", str(cfg), "--dataset_file", "demo"])
+    assert [getattr(from_file, k) for k in switches] == [True, False, True, True, True, True, True]
+    undone = parse_args(main.get_args_parser(), [
+        "--config", str(cfg), "--dataset_file", "demo", "--no_pre_norm", "--aux_loss", "--no_two_stage",
+        "--no_anchor_queries", "--no_focal_loss", "--no_amp", "--progress"])
+    assert [getattr(undone, k) for k in switches] == [False, True, False, False, False, False, False]
+    plain = parse_args(main.get_args_parser(), ["--dataset_file", "demo"])
+    assert [getattr(plain, k) for k in switches] == [False, True, False, False, False, False, False]
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(SystemExit):
         parse_args(main.get_args_parser(), ["--config", str(cfg), "--dataset_file", "demo"])
