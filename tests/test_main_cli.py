@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,17 @@ def test_resume_from_epoch_one_equals_uninterrupted_run(trained, tmp_path):
     assert [e["epoch"] for e in log] == [0, 1]
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(trained, tmp_path):
+    _, out, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    before = torch.load(copy / "checkpoint.pth", weights_only=True)
+    proc = run_main("--coco_path", trained[0], "--output_dir", copy, "--epochs", "2", "--resume", "auto")
+    assert "nothing to train: the run is at epoch 2 and --epochs is 2" in proc.stdout
+    after = torch.load(copy / "checkpoint.pth", weights_only=True)
+    assert after["epoch"] == 2 and all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+
+
 def test_bad_flags_are_one_line_errors(tmp_path):
     cases = [(["--backbone", "resnet50"], "invalid choice"),
              (["--dataset_file", "coco", "--coco_path", tmp_path / "nope"], "no such folder"),
@@ -98,7 +110,8 @@ def test_bad_flags_are_one_line_errors(tmp_path):
               "--two_stage does not support --num_groups > 1, got 2"),
              (["--config", ROOT / "configs" / "demo.yaml", "--no_anchor_queries"],
               "--two_stage needs --anchor_queries"),
-             (["--two_stage", "--no_two_stage"], "not allowed with argument")]
+             (["--two_stage", "--no_two_stage"], "not allowed with argument"),
+             (["--start_epoch", "5", "--epochs", "3"], "--start_epoch 5 leaves nothing to train with --epochs 3")]
     for args, message in cases:
         proc = run_main(*args, check=False, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)

@@ -97,6 +97,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         value = getattr(args, name)
         if value and not Path(value).is_file():
             parser.error(f"--{name} {value}: no such file")
+    if not args.resume and not args.eval and args.start_epoch >= args.epochs:
+        parser.error(f"--start_epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         parser.error(f"--resume {args.resume}: no such file (use --resume auto to resume only if one exists)")
     if args.eval and not (args.resume or args.finetune):

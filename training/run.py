@@ -328,7 +328,11 @@ def _run(args, preemption: PreemptionHandler) -> dict:
                    and any(e.get("epoch") == start_epoch - 1 for e in read_log(output_dir)))
         if not dist_utils.all_gather_object(done)[0]:  # the checkpoint of epoch E's end holds epoch E + 1 >= 1
             stats = finish_epoch(start_epoch - 1, state["finished_epoch_stats"])
-    print(f"training {args.epochs} epochs from epoch {start_epoch} ({iters_per_epoch} steps/epoch)")
+    if start_epoch >= args.epochs:  # e.g. a finished run resumed with the same --epochs
+        print(f"nothing to train: the run is at epoch {start_epoch} and --epochs is {args.epochs} "
+              "(a larger --epochs trains on)")
+    else:
+        print(f"training {args.epochs} epochs from epoch {start_epoch} ({iters_per_epoch} steps/epoch)")
     for epoch in range(start_epoch, args.epochs):
         train_set.set_epoch(epoch)
         sampler_train.set_epoch(epoch, start=start_step * args.batch_size)
