@@ -493,6 +493,36 @@ def test_resuming_with_another_batch_size_keeps_the_lr_schedule_on_epochs(refere
     assert [e["epoch"] for e in _log(mid)] == [0, 1] and all(e["train_steps"] == 6 for e in _log(mid))
 
 
+@pytest.mark.slow
+def test_resuming_with_other_lr_flags_applies_them_and_says_so(reference, tmp_path):
+    """A restored optimizer keeps the saved run's LRs and weight decay; the resumed run uses this run's flags (as the
+    schedule's --lr_drop and --warmup_iters already do), with a note. A frozen/trained backbone mismatch is one line."""
+    data, _ = reference
+    out = tmp_path / "run"
+    proc = subprocess.run(_main_command(data, out, "--epochs", "1"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["config"]
+    proc = subprocess.run(_main_command(data, out, "--resume", "auto", "--lr", "3e-4", "--weight_decay", "0.05"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (f"note: this run's --lr 0.0003 (was {saved['lr']:g}), --weight_decay 0.05 (was {saved['weight_decay']:g}) "
+            "apply from epoch 1, step 0 on") in proc.stdout
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.05]
+    assert [g["lr"] for g in groups] == pytest.approx([3e-5, saved["lr_backbone"] * 0.1])  # --lr_drop 1: dropped
+    assert state["lr_scheduler"]["base_lrs"] == pytest.approx([3e-4, saved["lr_backbone"]])
+    assert _log(out)[1]["train_lr"] == pytest.approx(3e-5)
+
+    proc = subprocess.run(_main_command(data, out, "--epochs", "3", "--resume", "auto", "--lr_backbone", "0"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'checkpoint.pth'} trained its backbone (--lr_backbone > 0) but this run freezes it "
+        "(--lr_backbone 0): resume with the run's --lr_backbone, or start a new run from its weights with --finetune")
+
+
 # Runs main.py after patching the training set so that loader worker 0, loading its second image of the run, sends
 # GROUP_SIGNAL to the whole process group (the main process waits for that batch), as SLURM's time limit, scancel
 # and `timeout` do.

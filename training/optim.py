@@ -34,6 +34,20 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, args, iters_per_epoch: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def apply_lr_flags(scheduler: torch.optim.lr_scheduler.LambdaLR, args) -> None:
+    """Gives a restored optimizer and schedule this run's --lr, --lr_backbone and --weight_decay.
+
+    A loaded optimizer state keeps the learning rates and weight decay of the run that saved it. The schedule's
+    shape (--lr_drop, --warmup_iters) already follows this run's flags, so its base values should too. This is a
+    no-op when the flags are unchanged. Call `align_lr_scheduler` afterwards to set each group's current LR.
+    """
+    base = [args.lr, args.lr_backbone][: len(scheduler.optimizer.param_groups)]  # the groups of `build_optimizer`
+    for group, lr in zip(scheduler.optimizer.param_groups, base):
+        group["initial_lr"] = lr
+        group["weight_decay"] = args.weight_decay
+    scheduler.base_lrs = list(base)
+
+
 def align_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, iteration: int) -> None:
     """Puts a resumed schedule at `iteration` steps done (epoch * iters_per_epoch + step of the current run).
 

@@ -37,7 +37,7 @@ from training.checkpoint import (
 from training.config import config_dict, save_config
 from training.engine import NonFiniteLossError, evaluate, progress_enabled, train_one_epoch
 from training.logs import TensorBoardLogger, append_log, plot_curves, read_log, truncate_log
-from training.optim import align_lr_scheduler, build_lr_scheduler, build_optimizer
+from training.optim import align_lr_scheduler, apply_lr_flags, build_lr_scheduler, build_optimizer
 from training.preemption import PreemptionHandler, ignore_stop_signals
 from training.sampling import EpochSeededDataset, ResumableSampler
 
@@ -224,6 +224,14 @@ def _run(args, preemption: PreemptionHandler) -> dict:
     if resume_path is not None:
         state = _load_resume_state(resume_path, args)
         model_without_ddp.load_state_dict(state["model"])
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(optimizer.param_groups):  # --lr_backbone 0 (frozen backbone) drops the backbone group
+            then, now = (("froze", "trains"), ("0", "> 0")) if saved_groups == 1 else (("trained", "freezes"),
+                                                                                      ("> 0", "0"))
+            raise CheckpointError(
+                f"{resume_path} {then[0]} its backbone (--lr_backbone {now[0]}) but this run {then[1]} it "
+                f"(--lr_backbone {now[1]}): resume with the run's --lr_backbone, or start a new run from its weights "
+                "with --finetune")
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if scaler is not None and "scaler" in state:
@@ -240,6 +248,11 @@ def _run(args, preemption: PreemptionHandler) -> dict:
             start_step, start_totals = 0, None  # this run's shards and steps do not continue the saved ones
         if start_step >= iters_per_epoch:
             start_epoch, start_step, start_totals = start_epoch + 1, 0, None
+        changed = [f"--{k} {getattr(args, k):g} (was {saved[k]:g})" for k in ("lr", "lr_backbone", "weight_decay")
+                   if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            print(f"note: this run's {', '.join(changed)} apply from epoch {start_epoch}, step {start_step} on")
+        apply_lr_flags(lr_scheduler, args)
         align_lr_scheduler(lr_scheduler, start_epoch * iters_per_epoch + start_step)
         rng = state.get("rng", {}).get(str(rank))
         if rng is not None:
