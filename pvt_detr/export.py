@@ -23,7 +23,9 @@ path. The check runs PyTorch and onnxruntime on a batch of two images whose size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -70,6 +72,21 @@ def example_batch(detector: Detector, sizes: list[tuple[int, int]], seed: int = 
     return nested_tensor_from_tensor_list(tensors, size_divisibility=32)
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Raises these loggers to ERROR+1 for the block: the exporters log opset fallbacks and failed opset conversions
+    (with tracebacks) that `export_onnx` reports itself in one line."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(detector: Detector, path: str | Path, exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
                 example: NestedTensor | None = None) -> NestedTensor:
     """Writes `ExportableDETR(detector.model)` to `path` (one file, CPU, float32); returns the example batch used.
@@ -83,7 +100,7 @@ def export_onnx(detector: Detector, path: str | Path, exporter: str = "dynamo", 
         s = detector.test_size
         example = example_batch(detector, [(3 * s // 4, s), (s, s // 2)])
     args = (example.tensors.cpu(), example.mask.cpu())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript"):
         warnings.simplefilter("ignore")  # exporter chatter (deprecations, TracerWarnings on branch-free code)
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=1024)
@@ -101,6 +118,11 @@ def export_onnx(detector: Detector, path: str | Path, exporter: str = "dynamo", 
                 proto = onnx.load(f"{tmp}/model.onnx")
         else:
             raise ExportError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # the dynamo exporter writes opset 18 or later whatever it is asked for
+        other = " (--exporter torchscript writes older opsets)" if exporter == "dynamo" else ""
+        raise ExportError(f"the {exporter} exporter wrote ONNX opset {written}, not the requested {opset}{other}; "
+                          f"nothing was written to {path}")
     focal = bool(detector.config.get("focal_loss", False))
     onnx.helper.set_model_props(proto, {
         "categories": json.dumps({str(k): v for k, v in detector.categories.items()}),
@@ -163,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     try:
         example = export_onnx(detector, args.out, exporter=args.exporter, opset=args.opset)
-    except ImportError:
+    except (ImportError, ExportError):
         raise
     except Exception as err:  # the exporters raise many kinds; the first line says what failed
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -192,7 +214,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.atol < 0:
+        parser.error(f"--atol must be >= 0, got {args.atol}")
     try:
         return run(args)
     except (ExportError, CheckpointError) as err:

@@ -100,3 +100,29 @@ def test_torchscript_exporter_also_matches(detector, tmp_path):
         expected = ExportableDETR(detector.model)(batch.tensors, batch.mask)
     torch.testing.assert_close(torch.from_numpy(logits), expected[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(boxes), expected[1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_opset_the_exporter_does_not_write_is_a_one_line_error_and_no_file(exported, tmp_path):
+    checkpoint, _, _ = exported
+    path = tmp_path / "old.onnx"
+    proc = subprocess.run([sys.executable, "-m", "pvt_detr.export", "--checkpoint", str(checkpoint), "--out",
+                           str(path), "--opset", "14"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(rf"error: the dynamo exporter wrote ONNX opset (\d+), not the requested 14 \(--exporter "
+                        rf"torchscript writes older opsets\); nothing was written to {re.escape(str(path))}",
+                        proc.stderr.strip().splitlines()[-1]), proc.stderr[-1000:]
+    assert not path.exists()
+    legacy = tmp_path / "legacy14.onnx"  # the legacy exporter writes what it is asked for
+    proc = subprocess.run([sys.executable, "-m", "pvt_detr.export", "--checkpoint", str(checkpoint), "--out",
+                           str(legacy), "--opset", "14", "--exporter", "torchscript", "--no_check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [o.version for o in onnx.load(str(legacy)).opset_import if o.domain in ("", "ai.onnx")] == [14]
+    assert "torchscript exporter, opset 14" in proc.stdout
+
+
+def test_negative_atol_is_a_flag_error(exported):
+    proc = subprocess.run([sys.executable, "-m", "pvt_detr.export", "--checkpoint", str(exported[0]), "--atol", "-1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("--atol must be >= 0, got -1.0")
