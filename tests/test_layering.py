@@ -12,7 +12,8 @@ FORBIDDEN = ("torch.distributed", "submitit", "datasets", "slurm", "training", "
 # Command-line entry points inside the package may also parse arguments, read images and time things.
 CLI_MODULES = {"benchmark.py", "predict.py", "export.py"}
 CLI_EXTRA = {"argparse", "json", "sys", "os", "time", "statistics", "subprocess", "resource", "PIL", "tqdm",
-             "tempfile", "shutil", "platform", "io", "onnx", "onnxruntime", "threading", "inference"}
+             "tempfile", "shutil", "platform", "io", "onnx", "onnxruntime", "threading", "inference", "logging",
+             "contextlib"}  # logging, contextlib: export.py quiets the exporters' loggers while it reports itself
 # The inference API decodes image files (PIL, as datasets/coco.py does) and rebuilds a model from a checkpoint's
 # config (a types.SimpleNamespace); it parses no arguments and prints nothing.
 IMAGE_IO_MODULES = {"inference.py", "image_io.py"}
