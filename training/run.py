@@ -226,12 +226,12 @@ def _run(args, preemption: PreemptionHandler) -> dict:
         model_without_ddp.load_state_dict(state["model"])
         saved_groups = len(state["optimizer"]["param_groups"])
         if saved_groups != len(optimizer.param_groups):  # --lr_backbone 0 (frozen backbone) drops the backbone group
-            then, now = (("froze", "trains"), ("0", "> 0")) if saved_groups == 1 else (("trained", "freezes"),
-                                                                                      ("> 0", "0"))
+            was_frozen = saved_groups == 1
             raise CheckpointError(
-                f"{resume_path} {then[0]} its backbone (--lr_backbone {now[0]}) but this run {then[1]} it "
-                f"(--lr_backbone {now[1]}): resume with the run's --lr_backbone, or start a new run from its weights "
-                "with --finetune")
+                f"{resume_path} {'froze' if was_frozen else 'trained'} its backbone (--lr_backbone "
+                f"{'0' if was_frozen else '> 0'}) but this run {'trains' if was_frozen else 'freezes'} it "
+                f"(--lr_backbone {'> 0' if was_frozen else '0'}): resume with the run's --lr_backbone, or start a "
+                "new run from its weights with --finetune")
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if scaler is not None and "scaler" in state:
