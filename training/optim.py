@@ -34,29 +34,21 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, args, iters_per_epoch: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def apply_lr_flags(scheduler: torch.optim.lr_scheduler.LambdaLR, args) -> None:
-    """Gives a restored optimizer and schedule this run's --lr, --lr_backbone and --weight_decay.
+def restore_lr_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, args, iteration: int) -> None:
+    """Puts the schedule of a resumed run at `iteration` steps done (epoch * iters_per_epoch + step of this run), with
+    this run's --lr, --lr_backbone and --weight_decay.
 
-    A loaded optimizer state keeps the learning rates and weight decay of the run that saved it. The schedule's
-    shape (--lr_drop, --warmup_iters) already follows this run's flags, so its base values should too. This is a
-    no-op when the flags are unchanged. Call `align_lr_scheduler` afterwards to set each group's current LR.
+    The schedule is rebuilt from the flags rather than loaded: a loaded optimizer keeps the learning rates and weight
+    decay of the run that saved it, and a loaded LambdaLR counts that run's steps, which after a change of world size
+    or batch size would put the LR drop and the warm-up at the wrong epoch. With unchanged flags and step counts this
+    gives exactly the saved schedule.
     """
     base = [args.lr, args.lr_backbone][: len(scheduler.optimizer.param_groups)]  # the groups of `build_optimizer`
-    for group, lr in zip(scheduler.optimizer.param_groups, base):
-        group["initial_lr"] = lr
+    lrs = [lr * fn(iteration) for lr, fn in zip(base, scheduler.lr_lambdas)]
+    for group, initial, lr in zip(scheduler.optimizer.param_groups, base, lrs):
+        group["initial_lr"] = initial
         group["weight_decay"] = args.weight_decay
-    scheduler.base_lrs = list(base)
-
-
-def align_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, iteration: int) -> None:
-    """Puts a resumed schedule at `iteration` steps done (epoch * iters_per_epoch + step of the current run).
-
-    A restored LambdaLR counts the steps of the run that saved it; after a change of world size or batch size an
-    epoch has another number of steps, and that count would put the LR drop and the warm-up at the wrong epoch.
-    A no-op when nothing changed.
-    """
-    scheduler.last_epoch = iteration
-    lrs = [base * fn(iteration) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
+    scheduler.base_lrs = list(base)
+    scheduler.last_epoch = iteration
     scheduler._last_lr = lrs

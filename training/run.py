@@ -37,7 +37,7 @@ from training.checkpoint import (
 from training.config import config_dict, save_config
 from training.engine import NonFiniteLossError, evaluate, progress_enabled, train_one_epoch
 from training.logs import TensorBoardLogger, append_log, plot_curves, read_log, truncate_log
-from training.optim import align_lr_scheduler, apply_lr_flags, build_lr_scheduler, build_optimizer
+from training.optim import build_lr_scheduler, build_optimizer, restore_lr_schedule
 from training.preemption import PreemptionHandler, ignore_stop_signals
 from training.sampling import EpochSeededDataset, ResumableSampler
 
@@ -233,7 +233,6 @@ def _run(args, preemption: PreemptionHandler) -> dict:
                 f"(--lr_backbone {'> 0' if was_frozen else '0'}): resume with the run's --lr_backbone, or start a "
                 "new run from its weights with --finetune")
         optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = state["epoch"], state["step"]
@@ -252,8 +251,7 @@ def _run(args, preemption: PreemptionHandler) -> dict:
                    if k in saved and saved[k] != getattr(args, k)]
         if changed:
             print(f"note: this run's {', '.join(changed)} apply from epoch {start_epoch}, step {start_step} on")
-        apply_lr_flags(lr_scheduler, args)
-        align_lr_scheduler(lr_scheduler, start_epoch * iters_per_epoch + start_step)
+        restore_lr_schedule(lr_scheduler, args, start_epoch * iters_per_epoch + start_step)
         rng = state.get("rng", {}).get(str(rank))
         if rng is not None:
             set_rng_state(rng)
