@@ -104,13 +104,14 @@ def load_rgb(path: str, expected_size: tuple[int, int] | None = None) -> Image.I
         raise UnreadableImageError(str(err)) from None
 
 
-class CocoDetection(torchvision.datasets.VisionDataset):
-    """COCO detection dataset returning `(image (3, H, W) float, DETR target dict)`, or None for an unreadable image.
+class CocoDetection(torchvision.datasets.CocoDetection):
+    """torchvision's CocoDetection returning `(image (3, H, W) float, DETR target dict)`, or None for an unreadable
+    image.
 
     img_folder, ann_file: COCO layout. The annotation file is validated and repaired first
     (`datasets.validation`; a one-line summary is printed); `.coco` is the pycocotools COCO of the cleaned
-    annotations and `.report` the validation report. More than `max_bad_images` (a fraction) of the listed
-    image files missing on disk is a DatasetError.
+    annotations (torchvision's would index the raw file) and `.report` the validation report. More than
+    `max_bad_images` (a fraction) of the listed image files missing on disk is a DatasetError.
     transforms: a v2 transform called as `transforms(image, target)`; it must end with a tensor
     image (e.g. `datasets.transforms.build_transform`). Crowd boxes are dropped as in DETR
     (pycocotools still sees them through `.coco` when evaluating).
@@ -120,24 +121,18 @@ class CocoDetection(torchvision.datasets.VisionDataset):
 
     def __init__(self, img_folder: str, ann_file: str, transforms: Callable, drop_crowd: bool = True,
                  skip_unreadable: bool = True, max_bad_images: float | None = None):
-        super().__init__(img_folder)
+        # torchvision.datasets.CocoDetection.__init__ would parse ann_file again, unvalidated: set up its state here.
+        torchvision.datasets.VisionDataset.__init__(self, img_folder, transforms=transforms)
         dataset, self.report = validate_coco_file(ann_file, img_folder, max_missing_fraction=max_bad_images)
         print(f"data: {self.report.summary()}", flush=True)
         self.coco = coco_from_dict(dataset)
-        self.ids = sorted(self.coco.imgs)
-        self.detection_transforms = transforms
+        self.ids = list(sorted(self.coco.imgs))
         self.drop_crowd = drop_crowd
         self.skip_unreadable = skip_unreadable
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def _load_image(self, id: int) -> Image.Image:
         info = self.coco.imgs[id]
         return load_rgb(os.path.join(self.root, info["file_name"]), (info["width"], info["height"]))
-
-    def _load_target(self, id: int) -> list[dict]:
-        return self.coco.loadAnns(self.coco.getAnnIds(id))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         image_id = self.ids[index]
@@ -149,7 +144,7 @@ class CocoDetection(torchvision.datasets.VisionDataset):
             sys.stderr.write(f"warning: skipping image: {err}\n")
             return None
         target = coco_target(self._load_target(image_id), image_id, image.height, image.width, self.drop_crowd)
-        image, target = self.detection_transforms(image, target)
+        image, target = self.transforms(image, target)
         return image, to_detr_target(image, target)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
@@ -125,6 +126,8 @@ def test_train_targets_are_flipped_or_not_and_collate(coco_root):
 
 def test_coco_helpers(coco_root):
     dataset = build_dataset("val", _args(coco_path=str(coco_root)))
+    assert isinstance(dataset, torchvision.datasets.CocoDetection)  # torchvision's, indexing the cleaned annotations
+    assert dataset.ids == sorted(dataset.coco.imgs) and len(dataset) == len(dataset.ids)
     assert num_classes_from_coco(dataset.coco) == 12
     assert get_coco_api_from_dataset(Subset(Subset(dataset, [0, 1]), [0])) is dataset.coco
     # the evaluator still sees the crowd box; the zero-width box was dropped by the validation (and reported)
