@@ -99,6 +99,7 @@ def test_bad_flags_are_one_line_errors(tmp_path):
              (["--dataset_file", "coco", "--coco_path", tmp_path / "nope"], "no such folder"),
              (["--resume", tmp_path / "missing.pth"], "no such file"),
              (["--config", tmp_path / "missing.yaml"], "no such file"),
+             (["--finetune", "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"], "a URL; pvt-detr never"),
              (["--train_sizes", "64,abc"], "comma-separated integers"),
              (["--batch_size", "0"], "--batch_size must be positive"),
              (["--sr_ratios", "8,4,2"], "--sr_ratios must be 4 ratios >= 1"),

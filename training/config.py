@@ -93,6 +93,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--coco_path is required with --dataset_file coco (or use --dataset_file demo)")
     if args.coco_path and args.dataset_file == "coco" and not Path(args.coco_path).is_dir():
         parser.error(f"--coco_path {args.coco_path}: no such folder")
+    for name in ("pretrained_backbone", "finetune", "resume"):
+        value = getattr(args, name)
+        if value and "://" in value:  # facebookresearch/detr downloads an https --resume; nothing is downloaded here
+            parser.error(f"--{name} {value}: a URL; pvt-detr never downloads, so download the file and pass its path")
     for name in ("pretrained_backbone", "finetune"):
         value = getattr(args, name)
         if value and not Path(value).is_file():
