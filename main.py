@@ -151,6 +151,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     # Distributed (filled from the environment: torchrun, SLURM or single process).
     parser.add_argument("--dist_url", default="env://", help="torch.distributed init URL")
     parser.add_argument("--dist_timeout", default=1800, type=int, help="process-group timeout in seconds")
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", default=None, type=int,
+                        help="passed by the legacy `python -m torch.distributed.launch` (without --use-env); the "
+                             "ranks themselves are read from the environment it also sets (LOCAL_RANK)")
     return parser
 
 

@@ -56,3 +56,18 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     # Evaluation over 2 ranks (predictions gathered, scored once) gives the single process's 12 COCO stats.
     assert log_two["test_coco_eval_bbox"] == pytest.approx(log_one["test_coco_eval_bbox"], abs=1e-6)
     assert len(log_one["test_coco_eval_bbox"]) == 12
+
+
+@pytest.mark.slow
+def test_legacy_torch_distributed_launch_passes_local_rank(tmp_path):
+    # `python -m torch.distributed.launch` without --use-env appends --local-rank=N to each process's flags, as in
+    # older DETR-style commands; the ranks come from the environment it sets, and config.yaml does not record them.
+    proc = _run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2", "--master_port", "29563",
+                 str(ROOT / "main.py"), *FLAGS, "--coco_path", tmp_path / "data", "--output_dir", tmp_path / "out",
+                 "--eval"], ROOT)
+    assert "2 process(es)" in proc.stdout and "Average Precision" in proc.stdout
+    assert "local_rank" not in (tmp_path / "out" / "config.yaml").read_text()
+    env = {**_env(), "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"}
+    bad = subprocess.run([sys.executable, str(ROOT / "main.py"), *FLAGS, "--local-rank=0", "--eval"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "--local-rank 0 disagrees with the environment's LOCAL_RANK 1" in bad.stderr

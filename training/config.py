@@ -7,6 +7,7 @@ The resolved configuration is what every run writes to `output_dir/config.yaml` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -105,14 +106,23 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--start_epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         parser.error(f"--resume {args.resume}: no such file (use --resume auto to resume only if one exists)")
+    local_rank = getattr(args, "local_rank", None)
+    if local_rank is not None and os.environ.get("LOCAL_RANK", str(local_rank)) != str(local_rank):
+        parser.error(f"--local-rank {local_rank} disagrees with the environment's LOCAL_RANK "
+                     f"{os.environ['LOCAL_RANK']}")
     if args.eval and not (args.resume or args.finetune):
         print("warning: --eval without --resume/--finetune evaluates an untrained model", file=sys.stderr)
+
+
+PER_PROCESS_FLAGS = ("local_rank",)  # differ between the processes of one run: not part of its configuration
 
 
 def config_dict(args: argparse.Namespace) -> dict:
     """The resolved configuration as plain Python types (for config.yaml and checkpoints)."""
     plain = {}
     for key, value in sorted(vars(args).items()):
+        if key in PER_PROCESS_FLAGS:
+            continue
         if isinstance(value, Path):
             value = str(value)
         if isinstance(value, tuple):
