@@ -20,11 +20,13 @@ def _main_module():
     return module
 
 
-def _detr(backbone: str, num_classes: int, pretrained_backbone: str | None, return_postprocessor: bool, overrides):
+def _detr(backbone: str, num_classes: int | None, pretrained_backbone: str | None, return_postprocessor: bool,
+          overrides: dict):
     """build_model at main.py's defaults (the paper's recipe) with `overrides` as flag values."""
     from pvt_detr import build_model, load_pvt_checkpoint
 
-    args = _main_module().get_args_parser().parse_args(["--backbone", backbone, "--num_classes", str(num_classes)])
+    flags = ["--backbone", backbone] + ([] if num_classes is None else ["--num_classes", str(num_classes)])
+    args = _main_module().get_args_parser().parse_args(flags)  # num_classes None: COCO's 91, as build_model does
     for key, value in overrides.items():
         if not hasattr(args, key):
             raise TypeError(f"{backbone}_detr: unknown option {key!r} (main.py has no --{key})")
@@ -35,28 +37,28 @@ def _detr(backbone: str, num_classes: int, pretrained_backbone: str | None, retu
     return (model, postprocessors["bbox"]) if return_postprocessor else model
 
 
-def pvt_tiny_detr(num_classes: int = 91, pretrained_backbone: str | None = None, return_postprocessor: bool = False,
-                  **overrides):
+def pvt_tiny_detr(num_classes: int | None = 91, pretrained_backbone: str | None = None,
+                  return_postprocessor: bool = False, **overrides):
     """PVT-Tiny + DETR (randomly initialised; `pretrained_backbone`: an official PVT ImageNet .pth).
     `overrides`: main.py flag values, e.g. `num_queries=50`. With `return_postprocessor`: (model, PostProcess)."""
     return _detr("pvt_tiny", num_classes, pretrained_backbone, return_postprocessor, overrides)
 
 
-def pvt_small_detr(num_classes: int = 91, pretrained_backbone: str | None = None, return_postprocessor: bool = False,
-                   **overrides):
+def pvt_small_detr(num_classes: int | None = 91, pretrained_backbone: str | None = None,
+                   return_postprocessor: bool = False, **overrides):
     """PVT-Small + DETR, the paper's detector (34.7 AP on COCO val2017 after its 50-epoch recipe); see
     `pvt_tiny_detr` for the arguments."""
     return _detr("pvt_small", num_classes, pretrained_backbone, return_postprocessor, overrides)
 
 
-def pvt_medium_detr(num_classes: int = 91, pretrained_backbone: str | None = None, return_postprocessor: bool = False,
-                    **overrides):
+def pvt_medium_detr(num_classes: int | None = 91, pretrained_backbone: str | None = None,
+                    return_postprocessor: bool = False, **overrides):
     """PVT-Medium + DETR; see `pvt_tiny_detr` for the arguments."""
     return _detr("pvt_medium", num_classes, pretrained_backbone, return_postprocessor, overrides)
 
 
-def pvt_large_detr(num_classes: int = 91, pretrained_backbone: str | None = None, return_postprocessor: bool = False,
-                   **overrides):
+def pvt_large_detr(num_classes: int | None = 91, pretrained_backbone: str | None = None,
+                   return_postprocessor: bool = False, **overrides):
     """PVT-Large + DETR; see `pvt_tiny_detr` for the arguments."""
     return _detr("pvt_large", num_classes, pretrained_backbone, return_postprocessor, overrides)
 

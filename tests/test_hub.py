@@ -49,6 +49,7 @@ def test_hub_model_is_main_pys_model_with_the_overrides():
         out = model.eval()(torch.rand(1, 3, 96, 128))
     assert out["pred_logits"].shape == (1, 10, 6)
     assert bool(((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all())
+    assert _load("pvt_tiny_detr", num_classes=None, **SMALL).class_embed.out_features == 92  # COCO's 91 + no-object
     with pytest.raises(TypeError, match="unknown option 'num_querys'"):
         _load("pvt_tiny_detr", num_querys=5)
 
