@@ -206,10 +206,11 @@ def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
 def load_detr_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
     """Loads a facebookresearch/detr checkpoint (`{'model': ...}`) or one of ours into a DETR model.
 
-    The transformer, queries and heads load; `input_proj` and `class_embed` are skipped with a message when their
-    shapes differ (other channel or class counts); keys the model does not have (DETR's ResNet `backbone.*`)
-    are reported as unused. Any other shape mismatch is an error, and so are transformer layers (or, in one of
-    our checkpoints, PVT blocks) that one side has and the other not: nothing is loaded then.
+    The transformer, queries, heads and (with `--position_embedding learned`) DETR's learned position embedding
+    load; `input_proj` and `class_embed` are skipped with a message when their shapes differ (other channel or
+    class counts); keys the model does not have (DETR's ResNet `backbone.*`) are reported as unused. Any other
+    shape mismatch is an error, and so are transformer layers (or, in one of our checkpoints, PVT blocks) that one
+    side has and the other not: nothing is loaded then.
     """
     what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "DETR state dict"
     sd = dict(_as_state_dict(path_or_state_dict, what))
@@ -217,6 +218,10 @@ def load_detr_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
         value = sd.pop(f"input_proj.{name}", None)
         if value is not None:
             sd[f"input_proj.0.{name}"] = value.flatten(1) if value.dim() == 4 else value
+    for name in ("row_embed", "col_embed"):  # DETR's learned positions live in its Joiner, backbone.1
+        value = sd.pop(f"backbone.1.{name}.weight", None)
+        if value is not None:
+            sd[f"position_embedding.{name}.weight"] = value
     own = model.state_dict()
     prefixes = ["transformer."]
     if any(k.startswith(tuple("backbone." + part for part in PVT_PARTS)) for k in sd):

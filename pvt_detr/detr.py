@@ -12,7 +12,7 @@ from torchvision.ops import box_convert
 from pvt_detr.criterion import SetCriterion, build_criterion
 from pvt_detr.models.registry import build_backbone
 from pvt_detr.nested_tensor import NestedTensor, is_exporting, nested_tensor_from_tensor_list
-from pvt_detr.position_encoding import PositionEmbeddingSine
+from pvt_detr.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from pvt_detr.postprocess import PostProcess
 from pvt_detr.transformer import Transformer
 
@@ -49,8 +49,14 @@ def box_sine_embed(boxes: torch.Tensor, num_feats: int, temperature: float = 100
     return pos.flatten(-2)  # (..., 4F)
 
 
+POSITION_EMBEDDINGS = {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}  # DETR's names
+
+
 class DETR(nn.Module):
     """Backbone stage maps -> linear input projection -> transformer -> class and box heads.
+
+    `position_embedding`: the encoder tokens' positions, DETR's "sine" (normalised to each image's unpadded extent;
+    alias "v2") or "learned" (a row and a column embedding per cell, at most 50 x 50 cells; alias "v3").
 
     Opt-in convergence aids (defaults give plain DETR):
     - `anchor_queries`: each query owns a learned reference box (DAB-DETR style, Liu et al. 2022); its sine
@@ -75,8 +81,11 @@ class DETR(nn.Module):
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
                  aux_loss: bool = True, anchor_queries: bool = False, focal: bool = False, num_groups: int = 1,
                  anchor_size: float = 0.25, dn_groups: int = 0, dn_box_noise: float = 0.4,
-                 dn_label_noise: float = 0.2, two_stage: bool = False):
+                 dn_label_noise: float = 0.2, two_stage: bool = False, position_embedding: str = "sine"):
         super().__init__()
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {sorted(POSITION_EMBEDDINGS)}, got "
+                             f"{position_embedding!r}")
         if (dn_groups > 0 or two_stage) and not anchor_queries:
             raise ValueError("denoising training (dn_groups > 0) and two_stage need anchor_queries")
         if two_stage and num_groups > 1:
@@ -87,7 +96,10 @@ class DETR(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.aux_loss = aux_loss
-        self.position_embedding = PositionEmbeddingSine(d // 2, normalize=True)
+        if POSITION_EMBEDDINGS[position_embedding] == "sine":
+            self.position_embedding = PositionEmbeddingSine(d // 2, normalize=True)
+        else:
+            self.position_embedding = PositionEmbeddingLearned(d // 2)
         # One projection per backbone stage used (DETR: a 1x1 conv; here the equal Linear on channels-last maps).
         self.input_proj = nn.ModuleList(nn.Linear(c, d) for c in backbone.num_channels)
         # Several stages: their tokens are concatenated and told apart by a learned level embedding.
@@ -332,6 +344,9 @@ def check_model_args(args) -> None:
         raise ValueError(f"--{'two_stage' if two_stage else 'dn_groups'} needs --anchor_queries")
     if two_stage and getattr(args, "num_groups", 1) > 1:
         raise ValueError(f"--two_stage does not support --num_groups > 1, got {args.num_groups}")
+    if getattr(args, "position_embedding", "sine") not in POSITION_EMBEDDINGS:
+        raise ValueError(f"--position_embedding must be one of {sorted(POSITION_EMBEDDINGS)}, got "
+                         f"{args.position_embedding!r}")
 
 
 def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
@@ -349,6 +364,7 @@ def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
                  anchor_queries=getattr(args, "anchor_queries", False), focal=focal,
                  num_groups=getattr(args, "num_groups", 1), anchor_size=getattr(args, "anchor_size", 0.25),
                  dn_groups=getattr(args, "dn_groups", 0), dn_box_noise=getattr(args, "dn_box_noise", 0.4),
-                 dn_label_noise=getattr(args, "dn_label_noise", 0.2), two_stage=getattr(args, "two_stage", False))
+                 dn_label_noise=getattr(args, "dn_label_noise", 0.2), two_stage=getattr(args, "two_stage", False),
+                 position_embedding=getattr(args, "position_embedding", "sine"))
     criterion = build_criterion(args, num_classes)
     return model, criterion, {"bbox": SigmoidPostProcess() if focal else PostProcess()}

@@ -265,3 +265,52 @@ def test_every_torch_load_failure_is_worded_in_one_line(err, reason):
 
     message = str(_load_error(Path("w.pth"), err))
     assert message == f"w.pth: not a readable checkpoint (truncated, corrupt or not a torch.save file?): {reason}"
+
+
+def _detr_learned_position(row_embed, col_embed, h, w):
+    """facebookresearch/detr `PositionEmbeddingLearned.forward` for one (h, w) map: (2F, h, w)."""
+    x_emb = col_embed[torch.arange(w)]  # (w, F)
+    y_emb = row_embed[torch.arange(h)]  # (h, F)
+    return torch.cat([x_emb.unsqueeze(0).repeat(h, 1, 1), y_emb.unsqueeze(1).repeat(1, w, 1)], dim=-1).permute(2, 0, 1)
+
+
+def test_learned_position_embedding_is_detrs_and_trains():
+    model, criterion, _ = small_model("--position_embedding", "learned", "--backbone_stages", "3")
+    pe = model.position_embedding
+    assert pe.row_embed.weight.shape == pe.col_embed.weight.shape == (50, 32)
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1, 3:, :] = True  # padding: positions stay absolute
+    pos = pe(mask)  # (B, H, W, 2F)
+    expected = _detr_learned_position(pe.row_embed.weight, pe.col_embed.weight, 5, 7).permute(1, 2, 0)
+    torch.testing.assert_close(pos[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(pos[1], expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at most 50 x 50 feature cells, got 51 x 7"):
+        pe(torch.zeros(1, 51, 7, dtype=torch.bool))
+
+    model.train()
+    images = [torch.randn(3, 96, 64), torch.randn(3, 64, 80)]
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.4]])},
+               {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    losses = criterion(model(images), targets)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
+    # 96 x 64 and 64 x 80 images pad to 96 x 96: 6 x 6 cells at stride 16, of which rows 0-5 and columns 0-4 hold
+    # pixels of some image; the all-padding column 5 is masked everywhere and gets no gradient, nor do cells >= 6
+    assert pe.row_embed.weight.grad[:6].abs().sum(1).gt(0).all() and pe.row_embed.weight.grad[6:].eq(0).all()
+    assert pe.col_embed.weight.grad[:5].abs().sum(1).gt(0).all() and pe.col_embed.weight.grad[5:].eq(0).all()
+
+
+def test_detr_checkpoint_with_learned_positions_loads_them(tmp_path):
+    source, _, _ = small_model("--position_embedding", "v3")
+    checkpoint = _detr_format(source.state_dict())
+    sd = checkpoint["model"]
+    for name in ("row_embed", "col_embed"):  # DETR keeps them in its Joiner: backbone.1.*
+        sd[f"backbone.1.{name}.weight"] = sd.pop(f"position_embedding.{name}.weight")
+    torch.save(checkpoint, tmp_path / "detr-r50-learned.pth")
+    target, _, _ = small_model("--position_embedding", "learned")
+    report = load_detr_checkpoint(target, tmp_path / "detr-r50-learned.pth")
+    assert {"position_embedding.row_embed.weight", "position_embedding.col_embed.weight"} <= set(report.loaded)
+    torch.testing.assert_close(target.position_embedding.row_embed.weight, source.position_embedding.row_embed.weight)
+    args = main.get_args_parser().parse_args(SMALL)
+    args.position_embedding = "cosine"
+    with pytest.raises(ValueError, match="--position_embedding must be one of"):
+        build_model(args)

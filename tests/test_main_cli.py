@@ -101,6 +101,7 @@ def test_bad_flags_are_one_line_errors(tmp_path):
              (["--config", tmp_path / "missing.yaml"], "no such file"),
              (["--finetune", "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"], "a URL; pvt-detr never"),
              (["--train_sizes", "64,abc"], "comma-separated integers"),
+             (["--position_embedding", "learned", "--max_size", "1700"], "covers at most 50 x 50 feature cells"),
              (["--batch_size", "0"], "--batch_size must be positive"),
              (["--sr_ratios", "8,4,2"], "--sr_ratios must be 4 ratios >= 1"),
              (["--anchor_queries", "--anchor_size", "1.5"], "--anchor_size must be in (0, 1)"),
