@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pvt_detr.detr import POSITION_EMBEDDINGS
 from pvt_detr.models.registry import list_backbones
 
 
@@ -70,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", default=0.1, type=float, help="transformer dropout")
     parser.add_argument("--nheads", default=8, type=int, help="attention heads")
     parser.add_argument("--num_queries", default=100, type=int, help="object queries")
-    parser.add_argument("--position_embedding", default="sine", choices=("sine", "v2", "learned", "v3"),
+    parser.add_argument("--position_embedding", default="sine", choices=tuple(POSITION_EMBEDDINGS),
                         help="encoder token positions: DETR's sine encoding (v2) or learned row/column embeddings "
                              "(v3; at most 50 x 50 feature cells)")
     _add_switch(parser, "pre_norm", "--pre_norm", "--no_pre_norm", False, "pre-norm transformer layers")

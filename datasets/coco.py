@@ -126,7 +126,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         dataset, self.report = validate_coco_file(ann_file, img_folder, max_missing_fraction=max_bad_images)
         print(f"data: {self.report.summary()}", flush=True)
         self.coco = coco_from_dict(dataset)
-        self.ids = list(sorted(self.coco.imgs))
+        self.ids = sorted(self.coco.imgs)
         self.drop_crowd = drop_crowd
         self.skip_unreadable = skip_unreadable
 

@@ -38,6 +38,9 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3)  # (B, H, W, 2F)
 
 
+LEARNED_MAX_CELLS = 50  # DETR's row and column embedding count
+
+
 class PositionEmbeddingLearned(nn.Module):
     """DETR's learned absolute encoding (`--position_embedding learned`): a row and a column embedding per cell.
 
@@ -45,7 +48,7 @@ class PositionEmbeddingLearned(nn.Module):
     Padding does not shift positions, so an image's encoding does not depend on its batch.
     """
 
-    def __init__(self, num_pos_feats: int = 128, max_cells: int = 50):
+    def __init__(self, num_pos_feats: int = 128, max_cells: int = LEARNED_MAX_CELLS):
         super().__init__()
         self.row_embed = nn.Embedding(max_cells, num_pos_feats)
         self.col_embed = nn.Embedding(max_cells, num_pos_feats)

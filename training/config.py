@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from pvt_detr.detr import check_model_args
+from pvt_detr.detr import POSITION_EMBEDDINGS, check_model_args
+from pvt_detr.position_encoding import LEARNED_MAX_CELLS
 
 
 def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict:
@@ -90,13 +91,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         check_model_args(args)
     except ValueError as err:
         parser.error(str(err))
-    if args.position_embedding in ("learned", "v3"):  # every registered PVT has strides 4, 8, 16, 32
+    if POSITION_EMBEDDINGS[args.position_embedding] == "learned":  # every registered PVT has strides 4, 8, 16, 32
         stride = 4 * 2 ** (min(args.backbone_stages) - 1)
         cells = -(-args.max_size // 32) * 32 // stride  # images are at most max_size, padded to multiples of 32
-        if cells > 50:
-            parser.error(f"--position_embedding learned covers at most 50 x 50 feature cells, but --max_size "
-                         f"{args.max_size} gives up to {cells} at stride {stride}: use --position_embedding sine "
-                         "or a smaller --max_size")
+        if cells > LEARNED_MAX_CELLS:
+            parser.error(f"--position_embedding learned covers at most {LEARNED_MAX_CELLS} x {LEARNED_MAX_CELLS} "
+                         f"feature cells, but --max_size {args.max_size} gives up to {cells} at stride {stride}: "
+                         "use --position_embedding sine or a smaller --max_size")
     if args.dataset_file == "coco" and not args.coco_path:
         parser.error("--coco_path is required with --dataset_file coco (or use --dataset_file demo)")
     if args.coco_path and args.dataset_file == "coco" and not Path(args.coco_path).is_dir():
