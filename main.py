@@ -62,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sr_ratios", default=None, type=_int_list,
                         help="spatial-reduction ratio of each of the 4 stages (comma-separated; default: the "
                              "variant's 8,4,2,1); smaller ones give small images more keys; checkpoints keep theirs")
+    parser.add_argument("--local_layers", default=None, type=_int_list,
+                        help="neighbourhood-attention layers after the patch embedding of each of the 4 stages "
+                             "(comma-separated; default 0,0,0,0 = PVT v1); not in the paper, used by the demo")
 
     # Transformer.
     parser.add_argument("--enc_layers", default=6, type=int, help="encoder layers")

@@ -181,14 +181,15 @@ def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
 
     Every backbone tensor must be filled; for an official file the unused keys are `cls_token`, `norm.*`, `head.*`
     (classification parts a detection backbone does not have). Missing tensors and blocks this backbone does not
-    have (a deeper PVT's checkpoint) are errors, checked before anything is loaded.
+    have (a deeper PVT's checkpoint) are errors, checked before anything is loaded. The exception: optional local
+    layers (`local.*`, not in PVT v1) that the checkpoint lacks keep their initialisation and are reported missing.
     """
     what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "PVT state dict"
     sd = pvt_checkpoint_filter(_as_state_dict(path_or_state_dict, what), backbone)
     sd = {k: v for k, v in sd.items() if k != "cls_pos_embed" or hasattr(backbone, "cls_pos_embed")}
     own = backbone.state_dict()
     extra = [k for k in sd if k not in own and k.startswith(PVT_PARTS)]
-    missing = sorted(k for k in own if k not in sd)
+    missing = sorted(k for k in own if k not in sd and not k.startswith("local."))
     if missing:
         raise CheckpointError(f"{what}: {len(missing)} backbone tensors missing from the checkpoint, e.g. "
                               f"{', '.join(missing[:3])} (not a PVT v1 checkpoint of this size?)")

@@ -337,6 +337,9 @@ def check_model_args(args) -> None:
     sr_ratios = getattr(args, "sr_ratios", None)
     if sr_ratios is not None and (len(sr_ratios) != 4 or any(r < 1 for r in sr_ratios)):
         raise ValueError(f"--sr_ratios must be 4 ratios >= 1 (one per stage), got {sr_ratios}")
+    local_layers = getattr(args, "local_layers", None)
+    if local_layers is not None and (len(local_layers) != 4 or any(n < 0 for n in local_layers)):
+        raise ValueError(f"--local_layers must be 4 counts >= 0 (one per stage), got {local_layers}")
     if not 0 < getattr(args, "anchor_size", 0.25) < 1:
         raise ValueError(f"--anchor_size must be in (0, 1), got {args.anchor_size}")
     two_stage, dn_groups = getattr(args, "two_stage", False), getattr(args, "dn_groups", 0)
@@ -353,7 +356,8 @@ def build_model(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """Builds (model, criterion, postprocessors) from the parsed flags of `main.get_args_parser()`."""
     check_model_args(args)
     num_classes = args.num_classes if args.num_classes is not None else COCO_NUM_CLASSES
-    overrides = {} if getattr(args, "sr_ratios", None) is None else {"sr_ratios": tuple(args.sr_ratios)}
+    overrides = {name: tuple(getattr(args, name)) for name in ("sr_ratios", "local_layers")
+                 if getattr(args, name, None) is not None}
     backbone = build_backbone(args.backbone, drop_path_rate=args.drop_path,
                               out_indices=tuple(s - 1 for s in args.backbone_stages), **overrides)
     transformer = Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,

@@ -110,8 +110,9 @@ def test_no_convolution_modules_or_ops(name):
     assert rec.ops and not [op for op in rec.ops if "conv" in op.lower()], rec.ops
 
 
-def test_full_detr_has_no_convolution_and_runs_forward_backward_without_conv_ops():
-    model, criterion, _ = small_model()
+@pytest.mark.parametrize("extra", [(), ("--local_layers", "1,1,0,0")])
+def test_full_detr_has_no_convolution_and_runs_forward_backward_without_conv_ops(extra):
+    model, criterion, _ = small_model(*extra)
     assert not [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
     with _OpRecorder() as rec:

@@ -104,6 +104,7 @@ def test_bad_flags_are_one_line_errors(tmp_path):
              (["--position_embedding", "learned", "--max_size", "1700"], "covers at most 50 x 50 feature cells"),
              (["--batch_size", "0"], "--batch_size must be positive"),
              (["--sr_ratios", "8,4,2"], "--sr_ratios must be 4 ratios >= 1"),
+             (["--local_layers", "1,1,-1,0"], "--local_layers must be 4 counts >= 0"),
              (["--anchor_queries", "--anchor_size", "1.5"], "--anchor_size must be in (0, 1)"),
              (["--dropout", "1"], "--dropout and --drop_path must be in [0, 1)"),
              (["--two_stage"], "--two_stage needs --anchor_queries"),

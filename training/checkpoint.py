@@ -120,7 +120,7 @@ def describe_mismatch(state: dict, args) -> str | None:
     """A one-line explanation when a checkpoint's architecture or class count differs from the current config."""
     cfg = state.get("config") or {}
     keys = ("backbone", "hidden_dim", "enc_layers", "dec_layers", "num_queries", "num_classes", "backbone_stages",
-            "dim_feedforward", "nheads")
+            "dim_feedforward", "nheads", "local_layers")
     diffs = [f"{k}={cfg[k]!r} there vs {getattr(args, k)!r} here" for k in keys
              if k in cfg and getattr(args, k, None) is not None and cfg[k] != getattr(args, k)]
     return "; ".join(diffs) if diffs else None

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from pvt_detr.models.local_attention import LocalMixing
 from pvt_detr.models.mlp import Mlp, can_fuse_inference, mlp_add_
 from pvt_detr.models.patch_linear import PatchLinear
 from pvt_detr.models.sra import SpatialReductionAttention
@@ -49,6 +50,13 @@ def resize_pos_embed(pos: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         return pos
     pos = F.interpolate(pos.permute(0, 3, 1, 2), size=tuple(hw), mode="bilinear", align_corners=False)
     return pos.permute(0, 2, 3, 1)  # (1, h, w, C)
+
+
+def _valid_grid(valid_hw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 2) [h, w] valid token counts -> (B, H, W) bool, True on tokens holding real pixels."""
+    rows = torch.arange(hw[0], device=valid_hw.device)[None, :, None] < valid_hw[:, 0, None, None]  # (B, H, 1)
+    cols = torch.arange(hw[1], device=valid_hw.device)[None, None, :] < valid_hw[:, 1, None, None]  # (B, 1, W)
+    return rows & cols  # (B, H, W)
 
 
 class Block(nn.Module):
@@ -103,10 +111,14 @@ class PyramidVisionTransformer(nn.Module):
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), patch_sizes: Sequence[int] = (4, 2, 2, 2),
                  in_chans: int = 3, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, pretrain_img_size: int = 224, num_classes: int = 0,
-                 out_indices: Sequence[int] = (0, 1, 2, 3)):
+                 out_indices: Sequence[int] = (0, 1, 2, 3), local_layers: Sequence[int] = (0, 0, 0, 0)):
         super().__init__()
-        if not all(len(v) == 4 for v in (embed_dims, num_heads, mlp_ratios, depths, sr_ratios, patch_sizes)):
-            raise ValueError("PVT takes exactly four values per stage for dims, heads, mlp ratios, depths, sr, patch")
+        if not all(len(v) == 4 for v in (embed_dims, num_heads, mlp_ratios, depths, sr_ratios, patch_sizes,
+                                         local_layers)):
+            raise ValueError("PVT takes exactly four values per stage for dims, heads, mlp ratios, depths, sr, patch, "
+                             "local layers")
+        if any(n < 0 for n in local_layers):
+            raise ValueError(f"local_layers must be >= 0 per stage, got {tuple(local_layers)}")
         if not out_indices or any(i not in range(4) for i in out_indices):
             raise ValueError(f"out_indices must be a non-empty subset of 0..3, got {tuple(out_indices)}")
         self.num_classes = num_classes
@@ -122,6 +134,9 @@ class PyramidVisionTransformer(nn.Module):
         self.patch_embed = nn.ModuleList(PatchEmbed(dims_in[i], embed_dims[i], patch_sizes[i]) for i in range(4))
         self.pos_embed = nn.ParameterList(
             nn.Parameter(torch.zeros(1, g * g, d)) for g, d in zip(self.pretrain_grids, embed_dims))
+        # Not in PVT v1 (0 = off, the paper's model): neighbourhood-attention layers after each patch embedding.
+        self.local_layers = tuple(local_layers)
+        self.local = nn.ModuleList(LocalMixing(d, n) if n else nn.Identity() for d, n in zip(embed_dims, local_layers))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         starts = [sum(depths[:i]) for i in range(4)]
@@ -168,6 +183,9 @@ class PyramidVisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.local:
+            if isinstance(m, LocalMixing):
+                m.reset_parameters()  # its own init (PyTorch's default Linear init and the locality bias)
 
     def _pos_embed(self, stage: int, hw: tuple[int, int]) -> torch.Tensor:
         """Stage positional embedding resized to an h x w grid: (1, h, w, C)."""
@@ -223,6 +241,8 @@ class PyramidVisionTransformer(nn.Module):
             if valid_hw is not None:
                 valid_hw = torch.div(valid_hw + p - 1, p, rounding_mode="floor")  # (B, 2) tokens with real pixels
                 valid_hw = torch.stack((valid_hw[:, 0].clamp(max=H), valid_hw[:, 1].clamp(max=W)), dim=1)  # (B, 2)
+            if self.local_layers[i]:
+                x = self.local[i](x, None if valid_hw is None else _valid_grid(valid_hw, (H, W)))  # (B, H, W, C)
             x = self.pos_drop(self._add_pos_embed(i, x, valid_hw))
             tokens = x.reshape(B, H * W, C)  # (B, N, C)
             if i == 3 and self.num_classes > 0:
@@ -246,9 +266,7 @@ class PyramidVisionTransformer(nn.Module):
         valid = torch.div(valid_hw + r - 1, r, rounding_mode="floor")  # (B, 2)
         if not is_exporting() and bool(((valid[:, 0] >= h) & (valid[:, 1] >= w)).all()):
             return None
-        rows = torch.arange(h, device=valid.device)[None, :, None] < valid[:, 0, None, None]  # (B, h, 1)
-        cols = torch.arange(w, device=valid.device)[None, None, :] < valid[:, 1, None, None]  # (B, 1, w)
-        return (rows & cols).flatten(1).to(self.pos_embed[0].device)  # (B, h * w)
+        return _valid_grid(valid, (h, w)).flatten(1).to(self.pos_embed[0].device)  # (B, h * w)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, 3, H, W) -> raw stage maps [(B, C_i, H / s_i, W / s_i) for i in out_indices], s = 4, 8, 16, 32."""
@@ -273,9 +291,7 @@ class PyramidVisionTransformer(nn.Module):
             if vhw is None:
                 stage_mask = torch.zeros(B, H, W, dtype=torch.bool, device=grid.device)
             else:
-                rows = torch.arange(H, device=vhw.device)[None, :, None] >= vhw[:, 0, None, None]  # (B, H, 1)
-                cols = torch.arange(W, device=vhw.device)[None, None, :] >= vhw[:, 1, None, None]  # (B, 1, W)
-                stage_mask = (rows | cols).to(grid.device)  # (B, H, W)
+                stage_mask = (~_valid_grid(vhw, (H, W))).to(grid.device)  # (B, H, W)
             out.append(NestedTensor(grid.permute(0, 3, 1, 2), stage_mask))  # (B, C_i, H_i, W_i)
         return out
 
