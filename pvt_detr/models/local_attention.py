@@ -4,8 +4,9 @@ PVT v1 embeds non-overlapping patches, so the tokens of one stage share no pixel
 PVT v2 paper). PVT v2 restores it with overlapping convolutions; here it is restored with attention: every token
 attends to its k x k neighbours with a learned relative-position bias per head. With k * k heads, each reading a
 full-width value, and a bias that points head h at neighbour h (the locality initialisation of ConViT, d'Ascoli et
-al. 2021; the construction of Cordonnier et al. 2020), the layer starts close to a k x k convolution and is free to
-move away from it: queries and keys still choose the weights, per token.
+al. 2021; the construction of Cordonnier et al. 2020), the layer starts close to a k x k convolution. Queries and
+keys can still change the weights per token. In the demo's short training they stay close to the initial pattern
+(docs/demo_diagnosis.md).
 """
 
 from __future__ import annotations
