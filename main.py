@@ -164,6 +164,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_cli_parser() -> argparse.ArgumentParser:
+    """main.py's command line: `get_args_parser()`'s flags plus -h/--help."""
+    return argparse.ArgumentParser("pvt-detr", parents=[get_args_parser()])
+
+
 def main(args: argparse.Namespace) -> dict:
     """Runs training and/or evaluation; returns the final stats."""
     from training.run import run
@@ -174,5 +179,4 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     from training.config import parse_args
 
-    parser = argparse.ArgumentParser("pvt-detr", parents=[get_args_parser()])
-    sys.exit(0 if main(parse_args(parser)) is not None else 1)
+    sys.exit(0 if main(parse_args(build_cli_parser())) is not None else 1)

@@ -94,7 +94,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(trained, tmp_pat
     assert after["epoch"] == 2 and all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
 
 
-def test_bad_flags_are_one_line_errors(tmp_path):
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     cases = [(["--backbone", "resnet50"], "invalid choice"),
              (["--dataset_file", "coco", "--coco_path", tmp_path / "nope"], "no such folder"),
              (["--resume", tmp_path / "missing.pth"], "no such file"),
@@ -115,11 +115,25 @@ def test_bad_flags_are_one_line_errors(tmp_path):
               "--two_stage needs --anchor_queries"),
              (["--two_stage", "--no_two_stage"], "not allowed with argument"),
              (["--start_epoch", "5", "--epochs", "3"], "--start_epoch 5 leaves nothing to train with --epochs 3")]
-    for args, message in cases:
+    # Two through a real main.py process (an argparse error and a value check); the rest through the same parser
+    # in this process, which is what main.py runs before anything else (a new process costs seconds of imports).
+    for args, message in cases[:1] + cases[-1:]:
         proc = run_main(*args, check=False, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+    sys.path.insert(0, str(ROOT))
+    import main
+    from training.config import parse_args
+
+    for args, message in cases[1:-1]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(main.build_cli_parser(), [*TINY, *map(str, args)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, (args, err)
+        assert message in err.strip().splitlines()[-1], (args, err)
+        assert "Traceback" not in err
 
 
 def test_an_output_dir_that_cannot_be_written_is_a_one_line_error_before_training(tmp_path):

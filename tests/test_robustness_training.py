@@ -54,8 +54,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _parse(*argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("pvt-detr", parents=[main.get_args_parser()])
-    return parse_args(parser, [*TINY, *map(str, argv)])
+    return parse_args(main.build_cli_parser(), [*TINY, *map(str, argv)])
 
 
 def _run_main_in_process(capsys, *argv) -> tuple[int | None, str, str]:
