@@ -266,11 +266,11 @@ def test_requeued_job_resumes_from_checkpoint(cluster, tmp_path, cancel_jobs, ho
     preempted_by_high_partition: a job in the `high` partition needs the node; SLURM requeues ours (as above).
     """
     job_dir = tmp_path / "job"
-    # Long enough after the first checkpoint (3 epochs of 16 steps, several seconds) that the preemption lands
-    # mid-run: with 3 epochs of 4 steps the job could finish before the signal arrived (seen once in CI).
-    epochs = 4
+    # Long enough after the first checkpoint (4 epochs of 8 steps, 0.3-1 s each) that the preemption lands mid-run:
+    # with 3 epochs of 4 steps the job could finish before the signal arrived (seen once in CI).
+    epochs = 5
     proc = submit_cli("--job_dir", str(job_dir), "--ngpus", "0", "--ntasks_per_node", "2", "--cpus_per_task", "1",
-                      "--timeout", "60", *demo_flags(tmp_path / "data", epochs=epochs, train_images=128))
+                      "--timeout", "60", *demo_flags(tmp_path / "data", epochs=epochs, train_images=64))
     job_id = submitted_job_id(proc)
     cancel_jobs.append(job_id)
     checkpoint = job_dir / "checkpoint.pth"
