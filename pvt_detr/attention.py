@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from pvt_detr.dropout import keep_mask
+from pvt_detr.dropout import keep_mask, mask_as
 
 
 class _DropoutAttention(torch.autograd.Function):
@@ -43,7 +43,7 @@ class _DropoutAttention(torch.autograd.Function):
         keep = keep_mask(attn.shape, p, attn.device)  # (B, nh, N_q, N_k) bool
         ctx.p, ctx.safe = p, safe
         ctx.save_for_backward(q, k, v, bias, keep)
-        return (attn.mul_(keep) @ v).mul_(1 / (1 - p))  # (B, nh, N_q, d); the rescale on the smaller tensor
+        return (attn.mul_(mask_as(keep, attn)) @ v).mul_(1 / (1 - p))  # (B, nh, N_q, d); rescaled after the matmul
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -51,6 +51,7 @@ class _DropoutAttention(torch.autograd.Function):
         q, k, v, bias, keep = ctx.saved_tensors
         attn, qs, ks, sf = _DropoutAttention._probs(q, k, bias, ctx.safe)  # recomputed, bit-identical to forward
         scale = 1 / (1 - ctx.p)  # applied to the (.., d) results, not to the maps; the backward is linear in it
+        keep = mask_as(keep, attn)  # (B, nh, N_q, N_k) float 0/1
         dv = ((attn * keep).transpose(-2, -1) @ dout).mul_(scale)  # (B, nh, N_k, d)
         dattn = (dout @ v.transpose(-2, -1)).mul_(keep)  # (B, nh, N_q, N_k), d(probs) / scale
         ds = torch._softmax_backward_data(dattn, attn, -1, attn.dtype)  # (B, nh, N_q, N_k)
