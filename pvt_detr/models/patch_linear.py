@@ -29,7 +29,9 @@ class PatchLinear(nn.Linear):
         if p == 1:
             return super().forward(x)
         h, w = x.shape[1] // p, x.shape[2] // p
-        x = x[:, : h * p, : w * p]  # (B, h*P, w*P, C)
+        # Cut only when needed: under torch.export a no-op slice with symbolic sizes doubled the export time.
+        if x.shape[1] != h * p or x.shape[2] != w * p:
+            x = x[:, : h * p, : w * p]  # (B, h*P, w*P, C)
         x = rearrange(x, "b (h p1) (w p2) c -> b h w (p1 p2 c)", p1=p, p2=p)  # (B, h, w, P*P*C)
         return super().forward(x)  # (B, h, w, out_dim)
 
