@@ -61,6 +61,25 @@ def test_patch_linear_equals_strided_conv():
     torch.testing.assert_close(linear_weight_to_conv(lin.weight, 5, 3), conv.weight)
 
 
+def test_patch_linear_slices_only_when_rows_or_columns_are_left_over():
+    """Under symbolic tracing (torch.export) a no-op slice doubled the dynamo export time: divisible inputs do not
+    slice; others drop the trailing rows/columns, as the stride-P conv does."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    conv = torch.nn.Conv2d(5, 7, kernel_size=3, stride=3)
+    lin = PatchLinear(5, 7, 3)
+    with torch.no_grad():
+        lin.weight.copy_(conv_weight_to_linear(conv.weight))
+        lin.bias.copy_(conv.bias)
+    for hw, sliced in [((9, 12), False), ((10, 12), True), ((9, 13), True)]:
+        x = torch.randn(2, *hw, 5)
+        params = dict(lin.named_parameters())
+        graph = make_fx(lambda x, p: torch.func.functional_call(lin, p, (x,)), tracing_mode="symbolic")(x, params).graph
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        assert any(t.startswith("aten.slice") for t in targets) == sliced, (hw, targets)
+        torch.testing.assert_close(lin(x), conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hw", [(224, 224), (448, 448), (333, 517)])
 def test_matches_official_formula_reference(hw):
     torch.manual_seed(1)
