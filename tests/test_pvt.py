@@ -49,12 +49,18 @@ def test_contract_channels_strides_any_size(name):
     assert all(torch.isfinite(f).all() for f in feats)
 
 
-def test_patch_linear_equals_strided_conv():
+def _conv_and_patch_linear() -> tuple[torch.nn.Conv2d, PatchLinear]:
+    """A random stride-3 conv (5 -> 7 channels) and the PatchLinear holding its weights."""
     conv = torch.nn.Conv2d(5, 7, kernel_size=3, stride=3)
     lin = PatchLinear(5, 7, 3)
     with torch.no_grad():
         lin.weight.copy_(conv_weight_to_linear(conv.weight))
         lin.bias.copy_(conv.bias)
+    return conv, lin
+
+
+def test_patch_linear_equals_strided_conv():
+    conv, lin = _conv_and_patch_linear()
     x = torch.randn(2, 5, 10, 13)
     expected = conv(x).permute(0, 2, 3, 1)
     torch.testing.assert_close(lin(x.permute(0, 2, 3, 1)), expected, rtol=1e-5, atol=1e-5)
@@ -66,14 +72,10 @@ def test_patch_linear_slices_only_when_rows_or_columns_are_left_over():
     slice; others drop the trailing rows/columns, as the stride-P conv does."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    conv = torch.nn.Conv2d(5, 7, kernel_size=3, stride=3)
-    lin = PatchLinear(5, 7, 3)
-    with torch.no_grad():
-        lin.weight.copy_(conv_weight_to_linear(conv.weight))
-        lin.bias.copy_(conv.bias)
+    conv, lin = _conv_and_patch_linear()
+    params = dict(lin.named_parameters())
     for hw, sliced in [((9, 12), False), ((10, 12), True), ((9, 13), True)]:
         x = torch.randn(2, *hw, 5)
-        params = dict(lin.named_parameters())
         graph = make_fx(lambda x, p: torch.func.functional_call(lin, p, (x,)), tracing_mode="symbolic")(x, params).graph
         targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
         assert any(t.startswith("aten.slice") for t in targets) == sliced, (hw, targets)
