@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from pvt_detr.dropout import keep_mask, mask_as
+from pvt_detr.matmul import Linear, linear
 
 
 class _DropoutAttention(torch.autograd.Function):
@@ -73,7 +74,7 @@ class MultiheadAttention(nn.Module):
         self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -88,11 +89,11 @@ class MultiheadAttention(nn.Module):
         C = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
         if query is key:
-            q, k = F.linear(query, w[: 2 * C], b[: 2 * C]).split(C, dim=-1)  # (B, N_q, C) x 2
+            q, k = linear(query, w[: 2 * C], b[: 2 * C]).split(C, dim=-1)  # (B, N_q, C) x 2
         else:
-            q = F.linear(query, w[:C], b[:C])  # (B, N_q, C)
-            k = F.linear(key, w[C : 2 * C], b[C : 2 * C])  # (B, N_k, C)
-        v = F.linear(value, w[2 * C :], b[2 * C :])  # (B, N_k, C)
+            q = linear(query, w[:C], b[:C])  # (B, N_q, C)
+            k = linear(key, w[C : 2 * C], b[C : 2 * C])  # (B, N_k, C)
+        v = linear(value, w[2 * C :], b[2 * C :])  # (B, N_k, C)
         q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_q, hd)
         k = rearrange(k, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)
         v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, N_k, hd)

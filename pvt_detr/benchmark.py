@@ -7,7 +7,7 @@ Measurements (each in its own subprocess, so peak RSS = `ru_maxrss` of that meas
              aux losses) + backward + AdamW (the backbone at lr_backbone, as in training/)
   memory     one training step, batch 1, 800 x 1216 (peak RSS is the number of interest; at most 2 timed steps)
   flops      forward FLOPs (torch.utils.flop_counter) at both sizes, backbone share, FLOPs of the training step,
-             and this machine's fp32 matmul GFLOP/s (2048 x 2048)
+             and this machine's fp32 matmul GFLOP/s (2048 x 2048, MKL's torch.mm and oneDNN's; the faster counts)
   matcher    HungarianMatcher time, batch 2, 100 queries, 20 targets per image; and the whole criterion
 Every process also reports the RSS after importing torch and building the model (the baseline).
 Achieved GFLOP/s = forward FLOPs / median latency, shown next to the matmul GFLOP/s measured in the same process.
@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from pvt_detr.detr import build_model
+from pvt_detr.matmul import ONEDNN_AVAILABLE
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
 
 MEASUREMENTS = ("infer512", "infer800", "train", "memory", "flops", "matcher")
@@ -86,11 +87,23 @@ def _timed(fn: Callable[[], object], repeats: int, warmup: int) -> dict:
             "cpu_median": statistics.median(cpu)}
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Median fp32 GFLOP/s of an n x n @ n x n matmul at the current thread count."""
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Median fp32 GFLOP/s of an n x n @ n x n matmul at the current thread count, per library PyTorch ships:
+    "mkl" (`torch.mm`) and "onednn" (the linear of `pvt_detr.matmul`, if available); "best" is the faster."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    stats = _timed(lambda: a @ b, repeats, warmup=2)
-    return 2 * n**3 / stats["median"] / 1e9
+    rates = {"mkl": 2 * n**3 / _timed(lambda: a @ b, repeats, warmup=2)["median"] / 1e9}
+    if ONEDNN_AVAILABLE:
+        bt = b.t().contiguous()
+        onednn = _timed(lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""), repeats, warmup=2)
+        rates["onednn"] = 2 * n**3 / onednn["median"] / 1e9
+    rates["best"] = max(rates.values())
+    return rates
+
+
+def _matmul_fields(samples: list[dict[str, float]]) -> dict[str, float]:
+    """matmul_gflops (the best library), matmul_gflops_mkl, matmul_gflops_onednn: medians over the samples."""
+    return {"matmul_gflops" + ("" if lib == "best" else f"_{lib}"): statistics.median(r[lib] for r in samples)
+            for lib in samples[0]}
 
 
 def _images(batch: int, hw: tuple[int, int]):
@@ -132,11 +145,15 @@ def _train_step_fn(model, criterion, batch: int, hw: tuple[int, int], args,
     return step
 
 
+_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise if ONEDNN_AVAILABLE else None
+
+
 class _FlopCount(TorchDispatchMode):
     """Sums `torch.utils.flop_counter`'s per-op formulas (matmuls, convolutions, attention) over what runs inside.
 
     Like `FlopCounterMode` without its module tracking (whose autograd hooks trip over some parameter views);
-    the CPU flash-attention kernels, which `flop_registry` lacks, are counted like the CUDA ones.
+    the CPU flash-attention kernels and oneDNN's linear, which `flop_registry` lacks, are counted like the CUDA
+    attention kernels and `addmm` (2 M K N).
     """
 
     def __init__(self):
@@ -152,6 +169,10 @@ class _FlopCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func._overloadpacket is _LINEAR_POINTWISE:  # oneDNN linear (pvt_detr.matmul): X (.., K), W (N, K)
+            x, w = args[0], args[2 if func is _LINEAR_POINTWISE.binary else 1]
+            self.total += 2 * x.numel() * w.shape[0]
+            return out
         formula = self.formulas.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **(kwargs or {}), out_val=out)
@@ -174,10 +195,10 @@ def measure(name: str, build: Callable, args: argparse.Namespace, repeats: int, 
     if name in ("infer512", "infer800"):
         model.eval()
         samples = _images(1, SIZES[name[5:]])
-        result["matmul_gflops_before"] = matmul_gflops()
+        before = matmul_gflops()
         with torch.no_grad():
             result.update(_timed(lambda: model(samples), repeats, warmup))
-        result["matmul_gflops"] = statistics.median([result.pop("matmul_gflops_before"), matmul_gflops()])
+        result.update(_matmul_fields([before, matmul_gflops()]))
     elif name in ("train", "memory"):
         batch, hw = (2, SIZES["512"]) if name == "train" else (1, SIZES["800"])
         step = _train_step_fn(model, criterion, batch, hw, args, getattr(build, "adamw_kwargs", None))
@@ -192,7 +213,7 @@ def measure(name: str, build: Callable, args: argparse.Namespace, repeats: int, 
                 result[f"backbone_flops_{key}"] = _count_flops(lambda s=samples: model.backbone(s.tensors))
         step = _train_step_fn(model, criterion, 2, SIZES["512"], args, getattr(build, "adamw_kwargs", None))
         result["flops_train"] = _count_flops(step)
-        result["matmul_gflops"] = matmul_gflops(repeats=max(repeats, 5))
+        result.update(_matmul_fields([matmul_gflops(repeats=max(repeats, 5))]))
     elif name == "matcher":
         g = torch.Generator().manual_seed(2)
         K1 = criterion.empty_weight.numel()
@@ -251,7 +272,7 @@ def _pool_rounds(rounds: list[dict]) -> dict:
     for key in ("peak_rss_mb", "rss_import_mb", "rss_built_mb"):
         if key in rounds[0]:
             pooled[key] = max(r[key] for r in rounds)
-    for key in ("matmul_gflops", "cpu_median"):
+    for key in ("matmul_gflops", "matmul_gflops_mkl", "matmul_gflops_onednn", "cpu_median"):
         if key in rounds[0]:
             pooled[key] = statistics.median(r[key] for r in rounds)
     if "runs" in rounds[0]:
@@ -298,13 +319,15 @@ def format_table(design: str, res: dict) -> str:
             f"{f'{rate:.1f}' if rate else '-':>8} {f'{mm:.1f}' if mm and rate else '-':>8} "
             f"{f'{100 * rate / mm:.0f}%' if rate and mm else '-':>5}")
     lines.append("times: wall clock over the timed runs; cpu: median CPU seconds of a run (all threads); "
-                 "matmul: GFLOP/s of a 2048^2 fp32 matmul in the same process")
+                 "matmul: GFLOP/s of a 2048^2 fp32 matmul in the same process, the faster of MKL (torch.mm) and "
+                 "oneDNN")
     if flops and "error" not in flops:
         lines.append(f"forward FLOPs: 512x512 {flops['flops_512'] / 1e9:.1f} G (backbone "
                      f"{100 * flops['backbone_flops_512'] / flops['flops_512']:.0f}%), 800x1216 "
                      f"{flops['flops_800'] / 1e9:.1f} G (backbone "
                      f"{100 * flops['backbone_flops_800'] / flops['flops_800']:.0f}%); "
-                     f"matmul 2048^2 fp32 {flops['matmul_gflops']:.1f} GFLOP/s")
+                     f"matmul 2048^2 fp32 {flops['matmul_gflops']:.1f} GFLOP/s (MKL "
+                     f"{flops['matmul_gflops_mkl']:.1f}, oneDNN {flops.get('matmul_gflops_onednn', float('nan')):.1f})")
     built = [r["rss_built_mb"] for r in res.values() if "rss_built_mb" in r]
     if built:
         lines.append(f"baseline RSS (import torch + build model): {statistics.median(built) / 1024:.2f} GB")

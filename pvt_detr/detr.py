@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from pvt_detr.criterion import SetCriterion, build_criterion
+from pvt_detr.matmul import Linear
 from pvt_detr.models.registry import build_backbone
 from pvt_detr.nested_tensor import NestedTensor, is_exporting, nested_tensor_from_tensor_list
 from pvt_detr.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
@@ -25,7 +26,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+        self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., input_dim) -> (..., output_dim)."""
@@ -101,7 +102,7 @@ class DETR(nn.Module):
         else:
             self.position_embedding = PositionEmbeddingLearned(d // 2)
         # One projection per backbone stage used (DETR: a 1x1 conv; here the equal Linear on channels-last maps).
-        self.input_proj = nn.ModuleList(nn.Linear(c, d) for c in backbone.num_channels)
+        self.input_proj = nn.ModuleList(Linear(c, d) for c in backbone.num_channels)
         # Several stages: their tokens are concatenated and told apart by a learned level embedding.
         self.level_embed = nn.Parameter(torch.zeros(len(backbone.num_channels), d)) \
             if len(backbone.num_channels) > 1 else None
@@ -114,8 +115,8 @@ class DETR(nn.Module):
         total_queries = num_queries * num_groups
         self.two_stage, self.anchor_size = two_stage, anchor_size
         if two_stage:  # per-token class and box heads on the (normed, projected) encoder memory
-            self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
-            self.enc_class_embed = nn.Linear(d, num_classes if focal else num_classes + 1)
+            self.enc_output = nn.Sequential(Linear(d, d), nn.LayerNorm(d))
+            self.enc_class_embed = Linear(d, num_classes if focal else num_classes + 1)
             self.enc_bbox_embed = MLP(d, d, 4, 3)
             nn.init.zeros_(self.enc_bbox_embed.layers[-1].weight)
             nn.init.zeros_(self.enc_bbox_embed.layers[-1].bias)
@@ -127,7 +128,7 @@ class DETR(nn.Module):
             self.ref_point_head = MLP(2 * d, d, d, 2)  # sine(box) (4 * d/2) -> query position
         else:
             self.query_embed = nn.Embedding(total_queries, d)
-        self.class_embed = nn.Linear(d, num_classes if focal else num_classes + 1)
+        self.class_embed = Linear(d, num_classes if focal else num_classes + 1)
         self.bbox_embed = MLP(d, d, 4, 3)
         if self.level_embed is not None:
             nn.init.normal_(self.level_embed)

@@ -18,14 +18,15 @@ from torch import nn
 
 from pvt_detr.attention import MultiheadAttention
 from pvt_detr.dropout import Dropout
+from pvt_detr.matmul import Linear, linear_add
 from pvt_detr.models.mlp import can_fuse_inference, mlp_add_
 
 
 def _residual_proj(residual: torch.Tensor, heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """residual + proj(heads) as one new tensor, without the bias-broadcast copy of a Linear: (B, N, C) x 2."""
     C = residual.shape[-1]
-    out = torch.addmm(residual.reshape(-1, C), heads.reshape(-1, C), proj.weight.t())  # (B*N, C)
-    return out.add_(proj.bias).view(residual.shape)
+    out = linear_add(heads.reshape(-1, C), proj.weight, proj.bias, residual.reshape(-1, C))  # (B*N, C)
+    return out.view(residual.shape)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -34,9 +35,9 @@ class TransformerEncoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = Linear(d_model, dim_feedforward)
         self.dropout = Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = Dropout(dropout)
@@ -74,9 +75,9 @@ class TransformerDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = Linear(d_model, dim_feedforward)
         self.dropout = Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pvt_detr.matmul import Linear
+
 
 class NeighbourhoodAttention(nn.Module):
     """Multi-head self-attention of each token over its k x k neighbourhood, with a relative-position bias.
@@ -35,9 +37,9 @@ class NeighbourhoodAttention(nn.Module):
         self.num_heads = num_heads or kernel_size * kernel_size
         self.qk_dim = qk_dim
         self.locality_strength = locality_strength
-        self.qk = nn.Linear(dim, 2 * self.num_heads * qk_dim)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(self.num_heads * dim, dim)
+        self.qk = Linear(dim, 2 * self.num_heads * qk_dim)
+        self.v = Linear(dim, dim)
+        self.proj = Linear(self.num_heads * dim, dim)
         self.rel_bias = nn.Parameter(torch.zeros(self.num_heads, kernel_size * kernel_size))
         self.reset_parameters()
 

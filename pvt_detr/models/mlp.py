@@ -18,6 +18,7 @@ import threading
 import torch
 from torch import nn
 
+from pvt_detr.matmul import Linear, input_grad, linear_act, linear_add_, weight_grad
 from pvt_detr.nested_tensor import is_exporting
 
 # Hidden-activation bytes per chunk and per thread (each op splits a chunk's rows over the threads): the fastest of
@@ -56,13 +57,10 @@ class _GeluMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rows: int):
         M = x.shape[0]
-        h = torch.empty(M, w1.shape[0], dtype=x.dtype)  # (M, H), kept for backward
-        y = torch.empty(M, w2.shape[0], dtype=x.dtype)  # (M, C_out)
+        h = linear_act(x, w1, b1)  # (M, H), kept for backward
         g = _scratch_buffer(min(rows, M), w1.shape[0], x.dtype)  # (rows, H) GELU output, reused per chunk
-        for s in range(0, M, rows):
-            hc = torch.addmm(b1, x[s : s + rows], w1.t(), out=h[s : s + rows])  # (m, H)
-            gc = torch.ops.aten.gelu.out(hc, out=g[: hc.shape[0]])  # (m, H)
-            torch.addmm(b2, gc, w2.t(), out=y[s : s + rows])  # (m, C_out)
+        y = torch.cat([linear_act(torch.ops.aten.gelu.out(h[s : s + rows], out=g[: min(rows, M - s)]), w2, b2)
+                       for s in range(0, M, rows)])  # (M, C_out)
         ctx.rows = rows
         ctx.save_for_backward(x, h, w1, w2)
         return y
@@ -81,17 +79,17 @@ class _GeluMlpFunction(torch.autograd.Function):
         db2 = dy.sum(0) if need_b2 else None
         buf = _scratch_buffer(min(rows, M), w1.shape[0], h.dtype)  # (rows, H), reused per chunk
         for s in range(0, M, rows):
-            hc, dyc = h[s : s + rows], dy[s : s + rows]  # (m, H), (m, C_out)
-            bc = buf[: hc.shape[0]]  # (m, H)
+            hc, dyc, xc = h[s : s + rows], dy[s : s + rows], x[s : s + rows]  # (m, H), (m, C_out), (m, C)
             if need_w2:
-                dw2.addmm_(dyc.t(), torch.ops.aten.gelu.out(hc, out=bc))  # (C_out, H); GELU recomputed
-            dh = torch.ops.aten.gelu_backward.grad_input(torch.mm(dyc, w2, out=bc), hc, grad_input=bc)  # (m, H)
+                dw2 += weight_grad(dyc, torch.ops.aten.gelu.out(hc, out=buf[: hc.shape[0]]))  # (C_out, H)
+            dg = input_grad(dyc, w2)  # (m, H)
+            dh = torch.ops.aten.gelu_backward.grad_input(dg, hc, grad_input=dg)  # (m, H)
             if need_b1:
                 db1 += dh.sum(0)
             if need_w1:
-                dw1.addmm_(dh.t(), x[s : s + rows])  # (H, C)
+                dw1 += weight_grad(dh, xc)  # (H, C)
             if need_x:
-                torch.mm(dh, w1, out=dx[s : s + rows])  # (m, C)
+                dx[s : s + rows] = input_grad(dh, w1)  # (m, C)
         return dx, dw1, db1, dw2, db2, None
 
 
@@ -114,27 +112,19 @@ def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     return y.view(*lead, -1)  # (..., C_out)
 
 
-_INPLACE_ACTIVATIONS = {"gelu": torch.ops.aten.gelu_, "relu": torch.relu_}
-
-
 def _inference_chunks(x2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, out2: torch.Tensor, accumulate: bool,
                       activation: str = "gelu") -> None:
     """out2 (M, C_out) = (or += if accumulate) fc2(act(fc1(x2))) for x2 (M, C), chunk by chunk, no autograd.
 
     out2 may be x2 itself (accumulate=True): each chunk's rows are read by fc1 before fc2 writes them.
     """
-    M = x2.shape[0]
-    act_ = _INPLACE_ACTIVATIONS[activation]
     rows = _chunk_rows(fc1.out_features, x2.element_size(), CHUNK_BYTES_INFER)
-    buf = _scratch_buffer(min(rows, M), fc1.out_features, x2.dtype)  # (rows, H), reused: stays in cache
-    for s in range(0, M, rows):
-        hc = buf[: min(rows, M - s)]  # (m, H)
-        torch.addmm(fc1.bias, x2[s : s + rows], fc1.weight.t(), out=hc)
-        act_(hc)
-        if accumulate:  # a residual sum: no bias-broadcast copy, no output tensor
-            out2[s : s + rows].add_(fc2.bias).addmm_(hc, fc2.weight.t())  # (m, C_out)
+    for s in range(0, x2.shape[0], rows):
+        hc = linear_act(x2[s : s + rows], fc1.weight, fc1.bias, activation)  # (m, H)
+        if accumulate:  # a residual sum: no output tensor
+            linear_add_(out2[s : s + rows], hc, fc2.weight, fc2.bias)  # (m, C_out)
         else:
-            torch.addmm(fc2.bias, hc, fc2.weight.t(), out=out2[s : s + rows])  # (m, C_out)
+            out2[s : s + rows] = linear_act(hc, fc2.weight, fc2.bias)  # (m, C_out)
 
 
 def mlp_add_(out: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
@@ -160,9 +150,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def _fusable(self, x: torch.Tensor) -> bool:

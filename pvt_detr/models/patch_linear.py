@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from torch import nn
+
+from pvt_detr.matmul import Linear
 
 
-class PatchLinear(nn.Linear):
+class PatchLinear(Linear):
     """Maps every non-overlapping P x P patch of a channels-last grid to one `out_dim` vector.
 
     weight: (out_dim, P * P * in_dim), patches flattened as (p1, p2, c).

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from pvt_detr.matmul import Linear, linear_add_
 from pvt_detr.models.local_attention import LocalMixing
 from pvt_detr.models.mlp import Mlp, can_fuse_inference, mlp_add_
 from pvt_detr.models.patch_linear import PatchLinear
@@ -80,7 +81,7 @@ class Block(nn.Module):
             C = x.shape[-1]
             proj = self.attn.proj
             heads = self.attn.attend(self.norm1(x), hw, kv_mask).reshape(-1, C)  # (B*N, C)
-            x.view(-1, C).add_(proj.bias).addmm_(heads, proj.weight.t())  # x += proj(heads)
+            linear_add_(x.view(-1, C), heads, proj.weight, proj.bias)  # x += proj(heads)
             return mlp_add_(x, self.norm2(x), self.mlp.fc1, self.mlp.fc2, "gelu")  # x += mlp(norm2(x))
         x = x + self.drop_path(self.attn(self.norm1(x), hw, kv_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -150,7 +151,7 @@ class PyramidVisionTransformer(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
             self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
             self.norm = nn.LayerNorm(embed_dims[3], eps=1e-6)
-            self.head = nn.Linear(embed_dims[3], num_classes)
+            self.head = Linear(embed_dims[3], num_classes)
         self._init_weights()
 
     @property
