@@ -52,34 +52,37 @@ def _chunk_rows(hidden_dim: int, element_size: int, chunk_bytes: int) -> int:
 
 
 class _GeluMlpFunction(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) over (M, C) rows, chunked; saves x and the fc1 pre-activation h (M, H) only."""
+    """fc2(gelu(fc1(x))) over (M, C) rows, chunked; saves x and the fc1 pre-activation h (M, H) only, as one
+    tensor per chunk (a chunk-sized allocation is reused from the heap; an (M, H) one is page-faulted in afresh
+    every step)."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rows: int):
         M = x.shape[0]
-        h = linear_act(x, w1, b1)  # (M, H), kept for backward
         g = _scratch_buffer(min(rows, M), w1.shape[0], x.dtype)  # (rows, H) GELU output, reused per chunk
-        y = torch.cat([linear_act(torch.ops.aten.gelu.out(h[s : s + rows], out=g[: min(rows, M - s)]), w2, b2)
-                       for s in range(0, M, rows)])  # (M, C_out)
+        hs, ys = [], []
+        for s in range(0, M, rows):
+            hs.append(linear_act(x[s : s + rows], w1, b1))  # (m, H), kept for backward
+            ys.append(linear_act(torch.ops.aten.gelu.out(hs[-1], out=g[: hs[-1].shape[0]]), w2, b2))  # (m, C_out)
         ctx.rows = rows
-        ctx.save_for_backward(x, h, w1, w2)
-        return y
+        ctx.save_for_backward(x, w1, w2, *hs)
+        return torch.cat(ys)  # (M, C_out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, h, w1, w2 = ctx.saved_tensors
+        x, w1, w2, *hs = ctx.saved_tensors
         dy = dy.contiguous()
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        M, rows = x.shape[0], ctx.rows
-        dx = torch.empty_like(x) if need_x else None
+        rows = ctx.rows
+        dxs = []
         dw1 = torch.zeros_like(w1) if need_w1 else None
-        db1 = torch.zeros(w1.shape[0], dtype=h.dtype) if need_b1 else None
+        db1 = torch.zeros(w1.shape[0], dtype=x.dtype) if need_b1 else None
         dw2 = torch.zeros_like(w2) if need_w2 else None
         db2 = dy.sum(0) if need_b2 else None
-        buf = _scratch_buffer(min(rows, M), w1.shape[0], h.dtype)  # (rows, H), reused per chunk
-        for s in range(0, M, rows):
-            hc, dyc, xc = h[s : s + rows], dy[s : s + rows], x[s : s + rows]  # (m, H), (m, C_out), (m, C)
+        buf = _scratch_buffer(hs[0].shape[0], w1.shape[0], x.dtype)  # (rows, H), reused per chunk
+        for s, hc in zip(range(0, x.shape[0], rows), hs):  # hc (m, H)
+            dyc, xc = dy[s : s + rows], x[s : s + rows]  # (m, C_out), (m, C)
             if need_w2:
                 dw2 += weight_grad(dyc, torch.ops.aten.gelu.out(hc, out=buf[: hc.shape[0]]))  # (C_out, H)
             dg = input_grad(dyc, w2)  # (m, H)
@@ -89,8 +92,8 @@ class _GeluMlpFunction(torch.autograd.Function):
             if need_w1:
                 dw1 += weight_grad(dh, xc)  # (H, C)
             if need_x:
-                dx[s : s + rows] = input_grad(dh, w1)  # (m, C)
-        return dx, dw1, db1, dw2, db2, None
+                dxs.append(input_grad(dh, w1))  # (m, C)
+        return torch.cat(dxs) if need_x else None, dw1, db1, dw2, db2, None
 
 
 def _needs_grad(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:
