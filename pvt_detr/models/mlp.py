@@ -3,11 +3,12 @@
 On the CPU the plain MLP of the high-resolution stages is bound by memory, not arithmetic: at 800 x 1216 the
 stage-1 hidden activation is 60800 x 512 floats (124 MB), written by fc1, read and rewritten by GELU, read by
 fc2, every pass on freshly page-faulted memory. `gelu_mlp` instead walks the tokens in cache-sized chunks
-(fc1 -> GELU in place -> fc2 per chunk). In training it saves only the input and the fc1 pre-activation for
-backward and recomputes GELU chunk by chunk there (an elementwise op, no matmul is recomputed), so neither the
-GELU output nor any hidden-sized gradient is ever materialised whole. Same function, same parameters and
-checkpoint keys as the plain module; results equal up to float rounding. Plain ops are used off the CPU, under
-autocast, with dropout in training, while exporting, and in training below MIN_FUSED_BYTES (where they are as fast).
+(fc1 -> GELU -> fc2 per chunk; in inference GELU is oneDNN's post-op of fc1, see `pvt_detr.matmul`). In training
+it saves only the input and the fc1 pre-activation (one tensor per chunk) for backward and recomputes GELU chunk by
+chunk there (an elementwise op, no matmul is recomputed), so neither the GELU output nor any hidden-sized gradient
+is ever materialised whole. Same function, same parameters and checkpoint keys as the plain module; results equal
+up to float rounding. Plain ops are used off the CPU, under autocast, with dropout in training, while exporting,
+and in training below MIN_FUSED_BYTES (where they are as fast).
 `mlp_add_` is the inference form that adds the MLP into a residual in place; DETR's ReLU FFN uses it too.
 """
 
@@ -21,11 +22,11 @@ from torch import nn
 from pvt_detr.matmul import Linear, input_grad, linear_act, linear_add_, weight_grad
 from pvt_detr.nested_tensor import is_exporting
 
-# Hidden-activation bytes per chunk and per thread (each op splits a chunk's rows over the threads): the fastest of
-# 0.5 - 64 MiB in single-thread MLP and whole-model timings on this project's 2-core AVX-512 machine (2 MiB L2 per
-# core). Training touches more arrays per chunk (h, dh, the GELU recompute) than inference.
+# Hidden-activation bytes per chunk and per thread (each op splits a chunk's rows over the threads). 2 MiB per thread
+# was the fastest of 0.5 - 8 MiB in whole-model timings on this project's AMD Zen 5 machine (2 MiB L2 per core),
+# training and inference alike; larger chunks also come from mmap and are page-faulted in on every call.
 CHUNK_BYTES_TRAIN = 1 << 21
-CHUNK_BYTES_INFER = 1 << 23
+CHUNK_BYTES_INFER = 1 << 21
 MIN_FUSED_BYTES = 1 << 24  # training: below 16 MiB of hidden activation the plain ops are as fast (measured)
 
 
