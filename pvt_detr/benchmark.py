@@ -7,10 +7,12 @@ Measurements (each in its own subprocess, so peak RSS = `ru_maxrss` of that meas
              aux losses) + backward + AdamW (the backbone at lr_backbone, as in training/)
   memory     one training step, batch 1, 800 x 1216 (peak RSS is the number of interest; at most 2 timed steps)
   flops      forward FLOPs (torch.utils.flop_counter) at both sizes, backbone share, FLOPs of the training step,
-             and this machine's fp32 matmul GFLOP/s (2048 x 2048, MKL's torch.mm and oneDNN's; the faster counts)
+             and this machine's fp32 matmul GFLOP/s (2048 x 2048: torch.mm, i.e. MKL, and oneDNN's linear)
   matcher    HungarianMatcher time, batch 2, 100 queries, 20 targets per image; and the whole criterion
 Every process also reports the RSS after importing torch and building the model (the baseline).
-Achieved GFLOP/s = forward FLOPs / median latency, shown next to the matmul GFLOP/s measured in the same process.
+Achieved GFLOP/s = forward FLOPs / median latency, shown next to the matmul GFLOP/s measured in the same process:
+"% mm" against torch.mm (the issue's reference), "% best" against the faster of torch.mm and oneDNN (on CPUs where
+MKL takes its AVX2 path, e.g. AMD Zen 4/5, oneDNN's AVX-512 matmul is ~3x faster).
 Workers run with OMP_WAIT_POLICY=PASSIVE unless `--omp_wait_policy inherit`: on a CPU shared with other jobs the
 libgomp default (idle threads spin) makes every parallel region wait for the scheduler, milliseconds each.
 
@@ -89,21 +91,18 @@ def _timed(fn: Callable[[], object], repeats: int, warmup: int) -> dict:
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """Median fp32 GFLOP/s of an n x n @ n x n matmul at the current thread count, per library PyTorch ships:
-    "mkl" (`torch.mm`) and "onednn" (the linear of `pvt_detr.matmul`, if available); "best" is the faster."""
+    "matmul_gflops" (`torch.mm`: MKL on x86) and "matmul_gflops_onednn" (the linear of `pvt_detr.matmul`)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    rates = {"mkl": 2 * n**3 / _timed(lambda: a @ b, repeats, warmup=2)["median"] / 1e9}
+    rates = {"matmul_gflops": 2 * n**3 / _timed(lambda: a @ b, repeats, warmup=2)["median"] / 1e9}
     if ONEDNN_AVAILABLE:
         bt = b.t().contiguous()
         onednn = _timed(lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""), repeats, warmup=2)
-        rates["onednn"] = 2 * n**3 / onednn["median"] / 1e9
-    rates["best"] = max(rates.values())
+        rates["matmul_gflops_onednn"] = 2 * n**3 / onednn["median"] / 1e9
     return rates
 
 
-def _matmul_fields(samples: list[dict[str, float]]) -> dict[str, float]:
-    """matmul_gflops (the best library), matmul_gflops_mkl, matmul_gflops_onednn: medians over the samples."""
-    return {"matmul_gflops" + ("" if lib == "best" else f"_{lib}"): statistics.median(r[lib] for r in samples)
-            for lib in samples[0]}
+def _median_rates(samples: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in samples) for key in samples[0]}
 
 
 def _images(batch: int, hw: tuple[int, int]):
@@ -198,7 +197,7 @@ def measure(name: str, build: Callable, args: argparse.Namespace, repeats: int, 
         before = matmul_gflops()
         with torch.no_grad():
             result.update(_timed(lambda: model(samples), repeats, warmup))
-        result.update(_matmul_fields([before, matmul_gflops()]))
+        result.update(_median_rates([before, matmul_gflops()]))
     elif name in ("train", "memory"):
         batch, hw = (2, SIZES["512"]) if name == "train" else (1, SIZES["800"])
         step = _train_step_fn(model, criterion, batch, hw, args, getattr(build, "adamw_kwargs", None))
@@ -213,7 +212,7 @@ def measure(name: str, build: Callable, args: argparse.Namespace, repeats: int, 
                 result[f"backbone_flops_{key}"] = _count_flops(lambda s=samples: model.backbone(s.tensors))
         step = _train_step_fn(model, criterion, 2, SIZES["512"], args, getattr(build, "adamw_kwargs", None))
         result["flops_train"] = _count_flops(step)
-        result.update(_matmul_fields([matmul_gflops(repeats=max(repeats, 5))]))
+        result.update(matmul_gflops(repeats=max(repeats, 5)))
     elif name == "matcher":
         g = torch.Generator().manual_seed(2)
         K1 = criterion.empty_weight.numel()
@@ -272,7 +271,7 @@ def _pool_rounds(rounds: list[dict]) -> dict:
     for key in ("peak_rss_mb", "rss_import_mb", "rss_built_mb"):
         if key in rounds[0]:
             pooled[key] = max(r[key] for r in rounds)
-    for key in ("matmul_gflops", "matmul_gflops_mkl", "matmul_gflops_onednn", "cpu_median"):
+    for key in ("matmul_gflops", "matmul_gflops_onednn", "cpu_median"):
         if key in rounds[0]:
             pooled[key] = statistics.median(r[key] for r in rounds)
     if "runs" in rounds[0]:
@@ -297,7 +296,7 @@ LABELS = {"infer512": "infer 512x512 bs1", "infer800": "infer 800x1216 bs1", "tr
 def format_table(design: str, res: dict) -> str:
     """One design's numbers as a compact text table."""
     head = (f"{'measurement':<27} {'median':>10} {'min':>10} {'max':>10} {'cpu':>10} {'peak RSS':>9} {'FLOPs':>8} "
-            f"{'GFLOP/s':>8} {'matmul':>8} {'% mm':>5}")
+            f"{'GFLOP/s':>8} {'matmul':>8} {'% mm':>5} {'oneDNN':>7} {'% best':>6}")
     lines = [f"== {design} ==", head, "-" * len(head)]
     flops = res.get("flops", {})
     for name in (*MEASUREMENTS, "criterion"):
@@ -311,36 +310,41 @@ def format_table(design: str, res: dict) -> str:
                    "train": flops.get("flops_train")}.get(name)
         rate = n_flops / r["median"] / 1e9 if n_flops and "median" in r else None
         mm = r.get("matmul_gflops") or (flops.get("matmul_gflops") if rate else None)
+        onednn = r.get("matmul_gflops_onednn") or (flops.get("matmul_gflops_onednn") if rate else None)
+        best = max(mm or 0, onednn or 0)
         rss = f"{r['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in r else "-"
         lines.append(
             f"{LABELS[name]:<27} {_fmt_time(r.get('median')):>10} {_fmt_time(r.get('min')):>10} "
             f"{_fmt_time(r.get('max')):>10} {_fmt_time(r.get('cpu_median')):>10} {rss:>9} "
             f"{f'{n_flops / 1e9:.1f} G' if n_flops else '-':>8} "
             f"{f'{rate:.1f}' if rate else '-':>8} {f'{mm:.1f}' if mm and rate else '-':>8} "
-            f"{f'{100 * rate / mm:.0f}%' if rate and mm else '-':>5}")
+            f"{f'{100 * rate / mm:.0f}%' if rate and mm else '-':>5} {f'{onednn:.1f}' if onednn and rate else '-':>7} "
+            f"{f'{100 * rate / best:.0f}%' if rate and best else '-':>6}")
     lines.append("times: wall clock over the timed runs; cpu: median CPU seconds of a run (all threads); "
-                 "matmul: GFLOP/s of a 2048^2 fp32 matmul in the same process, the faster of MKL (torch.mm) and "
-                 "oneDNN")
+                 "matmul / oneDNN: GFLOP/s of a 2048^2 fp32 torch.mm (MKL) / oneDNN linear in the same process; "
+                 "% best: of the faster")
     if flops and "error" not in flops:
         lines.append(f"forward FLOPs: 512x512 {flops['flops_512'] / 1e9:.1f} G (backbone "
                      f"{100 * flops['backbone_flops_512'] / flops['flops_512']:.0f}%), 800x1216 "
                      f"{flops['flops_800'] / 1e9:.1f} G (backbone "
                      f"{100 * flops['backbone_flops_800'] / flops['flops_800']:.0f}%); "
-                     f"matmul 2048^2 fp32 {flops['matmul_gflops']:.1f} GFLOP/s (MKL "
-                     f"{flops['matmul_gflops_mkl']:.1f}, oneDNN {flops.get('matmul_gflops_onednn', float('nan')):.1f})")
+                     f"matmul 2048^2 fp32: torch.mm {flops['matmul_gflops']:.1f} GFLOP/s, oneDNN "
+                     f"{flops.get('matmul_gflops_onednn', float('nan')):.1f}")
     built = [r["rss_built_mb"] for r in res.values() if "rss_built_mb" in r]
     if built:
         lines.append(f"baseline RSS (import torch + build model): {statistics.median(built) / 1024:.2f} GB")
     return "\n".join(lines)
 
 
-def _pct_of_matmul(res: dict, name: str) -> float | None:
-    """Forward GFLOP/s of an inference measurement as a fraction of the same process's matmul GFLOP/s."""
+def _pct_of_matmul(res: dict, name: str, best: bool = False) -> float | None:
+    """Forward GFLOP/s of an inference measurement as a fraction of the same process's torch.mm GFLOP/s (best: of
+    the faster of torch.mm and oneDNN)."""
     r, flops = res.get(name, {}), res.get("flops", {})
     n_flops = flops.get(f"flops_{name[5:]}")
     if "median" not in r or not n_flops:
         return None
-    return n_flops / r["median"] / 1e9 / r["matmul_gflops"]
+    mm = max(r["matmul_gflops"], r.get("matmul_gflops_onednn", 0)) if best else r["matmul_gflops"]
+    return n_flops / r["median"] / 1e9 / mm
 
 
 def format_comparison(results: dict, reference: str, candidate: str, targets: dict | None = None) -> str:
@@ -372,7 +376,9 @@ def format_comparison(results: dict, reference: str, candidate: str, targets: di
     for name in ("infer512", "infer800"):
         a, b = _pct_of_matmul(ref, name), _pct_of_matmul(cand, name)
         if a is not None and b is not None:
-            row(f"{LABELS[name]} % of matmul", a, b, b, "pct_matmul", pct, value_fmt="{:.0%}")
+            row(f"{LABELS[name]} % of mm", a, b, b, "pct_matmul", pct, value_fmt="{:.0%}")
+            a, b = _pct_of_matmul(ref, name, best=True), _pct_of_matmul(cand, name, best=True)
+            row(f"{LABELS[name]} % of best", a, b, b, "", pct, value_fmt="{:.0%}")
     return "\n".join(lines)
 
 
