@@ -27,14 +27,7 @@ from pvt_detr.nested_tensor import is_exporting
 MIN_MACS = 1 << 21
 
 
-def _op_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-ONEDNN_AVAILABLE = _op_available()
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _onednn(t: torch.Tensor, macs: int) -> bool:

@@ -1,6 +1,5 @@
 """The fused CPU kernels compute what the plain modules compute: chunked GELU MLP, dropout attention."""
 
-import threading
 
 import pytest
 import torch
@@ -46,26 +45,6 @@ def test_fused_mlp_gradcheck_and_frozen_weights(small_chunks):
     (gx,) = torch.autograd.grad(m(x).sum(), x)
     (gx_ref,) = torch.autograd.grad(_plain(m, x).sum(), x)
     torch.testing.assert_close(gx, gx_ref)
-
-
-def test_scratch_buffer_is_shared_by_inference_and_training_on_one_thread(small_chunks):
-    """The reused hidden-chunk buffer survives inference mode then training (evaluation between epochs),
-    a larger layer growing it, and the other thread's buffer is its own."""
-    mlp_module._scratch.__dict__.clear()
-    m, wide = Mlp(6, 8).double(), Mlp(6, 40).double()
-    x = torch.randn(2, 150, 6, dtype=torch.float64, requires_grad=True)
-    with torch.inference_mode():  # the buffer is first made here
-        torch.testing.assert_close(m(x), _plain(m, x))
-    for layer in (m, wide, m):  # training after inference, with the buffer grown in between
-        y = layer(x)
-        torch.testing.assert_close(y, _plain(layer, x))
-        (gx,) = torch.autograd.grad(y.sum(), x)
-        torch.testing.assert_close(gx, torch.autograd.grad(_plain(layer, x).sum(), x)[0])
-    seen = []
-    worker = threading.Thread(target=lambda: seen.append(mlp_module._scratch_buffer(3, 4, torch.float64)))
-    worker.start()
-    worker.join()
-    assert seen[0].data_ptr() != mlp_module._scratch_buffer(3, 4, torch.float64).data_ptr()
 
 
 def test_mlp_falls_back_to_plain_ops_with_dropout_in_training():

@@ -5,17 +5,15 @@ stage-1 hidden activation is 60800 x 512 floats (124 MB), written by fc1, read a
 fc2, every pass on freshly page-faulted memory. `gelu_mlp` instead walks the tokens in cache-sized chunks
 (fc1 -> GELU -> fc2 per chunk; in inference GELU is oneDNN's post-op of fc1, see `pvt_detr.matmul`). In training
 it saves only the input for backward and recomputes fc1 and GELU chunk by chunk there, so no hidden-sized tensor
-is kept between forward and backward or materialised whole. Recomputing fc1 adds ~9 % to a training step's FLOPs
-but costs no measurable time (the (M, H) tensors it replaces were page-faulted in afresh every step) and lowers
-the peak memory of a 800 x 1216 training step by ~1 GB. Same function, same parameters and checkpoint keys as the
-plain module; results equal up to float rounding. Plain ops are used off the CPU, under autocast, with dropout in
-training, while exporting, and in training below MIN_FUSED_BYTES (where they are as fast).
+is kept between forward and backward or materialised whole. Recomputing fc1 adds ~5 % to a training step's FLOPs
+(pvt_small, 512 x 512) but no measurable time (the (M, H) tensors it replaces were page-faulted in afresh every
+step), and it lowers the peak memory of a 800 x 1216 training step by ~1 GB. Same function, same parameters and
+checkpoint keys as the plain module; results equal up to float rounding. Plain ops are used off the CPU, under
+autocast, with dropout in training, while exporting, and in training below MIN_FUSED_BYTES (where they are as fast).
 `mlp_add_` is the inference form that adds the MLP into a residual in place; DETR's ReLU FFN uses it too.
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 from torch import nn
@@ -31,24 +29,6 @@ CHUNK_BYTES_INFER = 1 << 21
 MIN_FUSED_BYTES = 1 << 24  # training: below 16 MiB of hidden activation the plain ops are as fast (measured)
 
 
-_scratch = threading.local()  # per thread: dtype -> 1-D tensor, grown on demand, reused by every MLP call
-
-
-def _scratch_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A (rows, cols) CPU tensor of garbage reused across calls on this thread.
-
-    A fresh hidden-sized chunk (8-16 MiB) comes from mmap and is page-faulted in on first write, which cost as
-    much as the fc1 matmul itself at 512 x 512; a reused buffer stays mapped (and mostly in cache).
-    Valid until this thread's next MLP call: never return it, copy out of it.
-    """
-    buffers = _scratch.__dict__
-    buf = buffers.get(dtype)
-    if buf is None or buf.numel() < rows * cols:
-        with torch.inference_mode(False):  # a normal tensor: usable both in and outside inference mode
-            buf = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
-    return buf[: rows * cols].view(rows, cols)
-
-
 def _chunk_rows(hidden_dim: int, element_size: int, chunk_bytes: int) -> int:
     return max(64, chunk_bytes * torch.get_num_threads() // (hidden_dim * element_size))
 
@@ -59,12 +39,8 @@ class _GeluMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rows: int):
-        M = x.shape[0]
-        g = _scratch_buffer(min(rows, M), w1.shape[0], x.dtype)  # (rows, H) GELU output, reused per chunk
-        ys = []
-        for s in range(0, M, rows):
-            h = linear_act(x[s : s + rows], w1, b1)  # (m, H)
-            ys.append(linear_act(torch.ops.aten.gelu.out(h, out=g[: h.shape[0]]), w2, b2))  # (m, C_out)
+        ys = [linear_act(linear_act(x[s : s + rows], w1, b1, "gelu"), w2, b2)  # (m, H) -> (m, C_out)
+              for s in range(0, x.shape[0], rows)]
         ctx.rows = rows
         ctx.save_for_backward(x, w1, b1, w2)
         return torch.cat(ys)  # (M, C_out)
@@ -75,18 +51,17 @@ class _GeluMlpFunction(torch.autograd.Function):
         x, w1, b1, w2 = ctx.saved_tensors
         dy = dy.contiguous()
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        M, rows = x.shape[0], ctx.rows
+        rows = ctx.rows
         dxs = []
         dw1 = torch.zeros_like(w1) if need_w1 else None
         db1 = torch.zeros(w1.shape[0], dtype=x.dtype) if need_b1 else None
         dw2 = torch.zeros_like(w2) if need_w2 else None
         db2 = dy.sum(0) if need_b2 else None
-        buf = _scratch_buffer(min(rows, M), w1.shape[0], x.dtype)  # (rows, H), reused per chunk
-        for s in range(0, M, rows):
+        for s in range(0, x.shape[0], rows):
             dyc, xc = dy[s : s + rows], x[s : s + rows]  # (m, C_out), (m, C)
             h = linear_act(xc, w1, b1)  # (m, H) fc1 again: cheaper than keeping (M, H) floats for backward
             if need_w2:
-                dw2 += weight_grad(dyc, torch.ops.aten.gelu.out(h, out=buf[: h.shape[0]]))  # (C_out, H)
+                dw2 += weight_grad(dyc, torch.ops.aten.gelu(h))  # (C_out, H)
             dg = input_grad(dyc, w2)  # (m, H)
             dh = torch.ops.aten.gelu_backward.grad_input(dg, h, grad_input=dg)  # (m, H)
             if need_b1:
