@@ -8,13 +8,15 @@ frozen linears) computes x W^T + b on dense tensors, optionally followed by GELU
 
 `linear` is F.linear with that forward and a backward made of the same op (dX = dY W, dW = dY^T X), so training
 uses it too. The arithmetic stays IEEE float32 (no bf16/tf32 "fast math" mode is set); results differ from MKL's
-only by summation order. oneDNN is used when `onednn_applies` holds: float32 on the CPU, MKL-DNN available and
+only by summation order. oneDNN is used when `onednn_applies` holds: float32 on an x86-64 CPU, MKL-DNN available and
 enabled (`torch.backends.mkldnn.enabled = False` turns it off), no autocast, nothing compiled or exported (the
 graph keeps plain `linear` ops), and a product large enough that oneDNN's thread start-up does not dominate
 (below MIN_MACS, MKL's single-threaded small kernels are faster). Otherwise the plain PyTorch ops run.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,9 @@ from pvt_detr.nested_tensor import is_exporting
 MIN_MACS = 1 << 21
 
 
-ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# x86-64 only: where it was measured (on Arm, PyTorch's MKL-DNN is built on the Arm Compute Library instead).
+ONEDNN_AVAILABLE = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _onednn(t: torch.Tensor, macs: int) -> bool:

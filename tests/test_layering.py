@@ -6,8 +6,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "pvt_detr"
 ALLOWED_ROOTS = {"torch", "torchvision", "einops", "scipy", "numpy", "pvt_detr", "__future__", "math", "re", "pickle",
                  "dataclasses", "collections", "pathlib", "typing", "itertools", "functools", "copy", "warnings",
-                 "threading", "types"}  # threading: thread-local scratch buffers (models/mlp.py) for threads sharing
-# a model; types: SimpleNamespace, what a pickled argparse.Namespace is read as (checkpoints.py)
+                 "types", "platform"}  # types: SimpleNamespace, what a pickled argparse.Namespace is read as
+# (checkpoints.py); platform: matmul.py uses oneDNN on x86-64 only
 FORBIDDEN = ("torch.distributed", "submitit", "datasets", "slurm", "training", "main")
 # Command-line entry points inside the package may also parse arguments, read images and time things.
 CLI_MODULES = {"benchmark.py", "predict.py", "export.py"}
