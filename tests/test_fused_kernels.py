@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pvt_detr.models.mlp as mlp_module
 from pvt_detr.attention import MultiheadAttention, _DropoutAttention
 from pvt_detr.dropout import Dropout, dropout, keep_mask
 from pvt_detr.models.mlp import Mlp
@@ -13,14 +12,6 @@ from pvt_detr.models.mlp import Mlp
 
 def _plain(m: Mlp, x: torch.Tensor) -> torch.Tensor:
     return m.fc2(F.gelu(m.fc1(x)))
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Several chunks with a ragged last one even for tiny inputs, and the fused path at any size."""
-    monkeypatch.setattr(mlp_module, "CHUNK_BYTES_TRAIN", 40 * 8 * 8)
-    monkeypatch.setattr(mlp_module, "CHUNK_BYTES_INFER", 70 * 8 * 8)
-    monkeypatch.setattr(mlp_module, "MIN_FUSED_BYTES", 0)
 
 
 def test_fused_mlp_equals_plain_forward_and_gradients(small_chunks):

@@ -129,14 +129,6 @@ def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
     torch.testing.assert_close(y, ref(x), **TOL)
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Several chunks with a ragged last one, and the fused path at any size."""
-    monkeypatch.setattr(mlp_module, "CHUNK_BYTES_TRAIN", 512 * 4 * 40)
-    monkeypatch.setattr(mlp_module, "CHUNK_BYTES_INFER", 512 * 4 * 70)
-    monkeypatch.setattr(mlp_module, "MIN_FUSED_BYTES", 0)
-
-
 def test_fused_float32_mlp_on_onednn_equals_plain_ops(small_chunks):
     m = Mlp(64, 512).train()
     x = torch.randn(2, 300, 64, requires_grad=True)
