@@ -16,6 +16,11 @@ MKL takes its AVX2 path, e.g. AMD Zen 4/5, oneDNN's AVX-512 matmul is ~3x faster
 Workers run with OMP_WAIT_POLICY=PASSIVE unless `--omp_wait_policy inherit`: on a CPU shared with other jobs the
 libgomp default (idle threads spin) makes every parallel region wait for the scheduler, milliseconds each.
 
+With two designs, a last block gives, for each speed target, the GFLOP/s it asks of the candidate (its FLOPs in the
+reference's median time divided by the target) against the fastest 2048^2 matmul measured on the machine: the FLOPs
+are fixed, so a target asking more than that rate cannot be met while the reference runs that fast.
+`--show run.json` prints the tables of a run saved with `--json` again, with the current formatting.
+
 `--design ours` is this library. The official PVT v1 + DETR design used for comparison lives outside the
 library: `python -m benchmarks.compare --design both` runs the same measurements on both and prints ratios.
 """
@@ -379,7 +384,48 @@ def format_comparison(results: dict, reference: str, candidate: str, targets: di
             row(f"{LABELS[name]} % of mm", a, b, b, "pct_matmul", pct, value_fmt="{:.0%}")
             a, b = _pct_of_matmul(ref, name, best=True), _pct_of_matmul(cand, name, best=True)
             row(f"{LABELS[name]} % of best", a, b, b, "", pct, value_fmt="{:.0%}")
+    lines += format_ceilings(results, reference, candidate, targets)
     return "\n".join(lines)
+
+
+_FLOP_KEYS = {"infer512": "flops_512", "infer800": "flops_800", "train": "flops_train"}
+
+
+def _best_matmul_gflops(res: dict) -> float | None:
+    """The faster of torch.mm and oneDNN on a 2048^2 fp32 product: median over a design's measuring processes."""
+    rates = [max(r["matmul_gflops"], r.get("matmul_gflops_onednn", 0.0))
+             for r in res.values() if isinstance(r, dict) and r.get("matmul_gflops")]
+    return statistics.median(rates) if rates else None
+
+
+def format_ceilings(results: dict, reference: str, candidate: str, targets: dict | None = None) -> list[str]:
+    """For each speed target, the GFLOP/s it asks of the candidate next to the machine's best matmul rate.
+
+    A speed-up target t over the reference's median time T_ref asks the candidate to run its own FLOPs in
+    T_ref / t; where that rate is above the fastest 2048^2 matmul measured on the machine, the target is out of reach
+    on this machine while the reference runs as fast as it did (the FLOPs of the model are fixed).
+    """
+    ref, cand = results[reference], results[candidate]
+    best = _best_matmul_gflops(cand) or _best_matmul_gflops(ref)
+    flops_ref, flops_cand = ref.get("flops", {}), cand.get("flops", {})
+    rows = []
+    for name, key in _FLOP_KEYS.items():
+        goal = (targets or {}).get(name)
+        a, b = ref.get(name, {}), cand.get(name, {})
+        if not goal or not best or "median" not in a or "median" not in b or not flops_cand.get(key):
+            continue
+        f_ref, f_cand = flops_ref.get(key) or flops_cand[key], flops_cand[key]
+        rate_ref, rate_cand = f_ref / a["median"] / 1e9, f_cand / b["median"] / 1e9
+        need = f_cand * goal / a["median"] / 1e9
+        cell = lambda r: f"{r:.0f} ({100 * r / best:.0f}%)"  # noqa: E731
+        rows.append(f"{LABELS[name]:<27} {cell(rate_ref):>12} {cell(rate_cand):>12} {goal:>7.2f}x {cell(need):>12}"
+                    f" {'yes' if need <= best else 'NO':>9}")
+    if not rows:
+        return []
+    return [f"GFLOP/s each speed target asks of {candidate} (its FLOPs in {reference}'s median time / target), and in "
+            f"brackets as % of the fastest 2048^2 fp32 matmul measured here ({best:.0f} GFLOP/s):",
+            f"{'measurement':<27} {reference:>12} {candidate:>12} {'target':>8} {'needs':>12} {'<= matmul':>9}",
+            *rows]
 
 
 def machine_info(opts: argparse.Namespace) -> dict:
@@ -405,8 +451,36 @@ def get_parser(designs: dict) -> argparse.ArgumentParser:
                         "on a CPU shared with other jobs, spinning threads (the libgomp default) turn every\n"
                         "parallel region into a wait for the scheduler. inherit: keep this environment's")
     p.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    p.add_argument("--show", default=None, metavar="JSON",
+                   help="print the tables of a run saved with --json (measures nothing)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def _print_report(results: dict, targets: dict | None) -> None:
+    names = list(results)
+    for design in names:
+        print(format_table(design, results[design]))
+    if len(names) == 2:  # the first design is the candidate, the second the reference (as `--design both` runs)
+        print(format_comparison(results, names[1], names[0], targets))
+
+
+def show_report(path: str) -> dict:
+    """Prints the tables of a report written by `--json`; returns the report."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        results = report["results"]
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the report ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a benchmark report written by --json ({type(e).__name__}: {e})") from None
+    machine = report.get("machine", {})
+    print(f"{report.get('model', '?')}, {machine.get('threads', '?')} threads, {report.get('rounds', '?')} x "
+          f"{report.get('repeats', '?')} repeats, torch {machine.get('torch', '?')}, OMP_WAIT_POLICY "
+          f"{machine.get('omp_wait_policy', '?')} (saved in {path})")
+    _print_report(results, report.get("targets"))
+    return report
 
 
 def main(argv: list[str] | None = None, designs: dict | None = None, module: str = "pvt_detr.benchmark",
@@ -419,6 +493,8 @@ def main(argv: list[str] | None = None, designs: dict | None = None, module: str
         result = measure(opts.worker, designs[opts.design], model_args(opts.model), opts.repeats, opts.warmup)
         print(RESULT_TAG + json.dumps(result), flush=True)
         return result
+    if opts.show:
+        return show_report(opts.show)
     names = list(MEASUREMENTS) if opts.only == "all" else [n.strip() for n in opts.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in MEASUREMENTS]
     if unknown:
@@ -442,10 +518,7 @@ def main(argv: list[str] | None = None, designs: dict | None = None, module: str
                       file=sys.stderr, flush=True)
         for design in chosen:
             results[design][name] = _pool_rounds(rounds[design])
-    for design in chosen:
-        print(format_table(design, results[design]))
-    if len(chosen) == 2:
-        print(format_comparison(results, chosen[1], chosen[0], targets))
+    _print_report(results, targets)
     report = {"model": opts.model, "machine": info, "repeats": opts.repeats, "warmup": opts.warmup,
               "rounds": opts.rounds, "results": results, "targets": targets or {}}
     if opts.json:

@@ -109,3 +109,36 @@ def test_official_matcher_equals_ours():
     targets = benchmark._targets(2, 20)
     for (i, j), (k, m) in zip(HungarianMatcher()(outputs, targets), OfficialMatcher()(outputs, targets)):
         assert torch.equal(i, k) and torch.equal(j, m)
+
+
+def _fake_report(ref_time: float, cand_time: float) -> dict:
+    flops = {"flops_512": 50e9, "flops_800": 250e9, "flops_train": 300e9, "backbone_flops_512": 40e9,
+             "backbone_flops_800": 200e9, "matmul_gflops": 100.0, "matmul_gflops_onednn": 200.0}
+    run = lambda t: {"median": t, "min": t, "max": t, "matmul_gflops": 100.0, "matmul_gflops_onednn": 200.0}  # noqa: E731
+    return {"ours": {"infer512": run(cand_time), "flops": flops},
+            "official": {"infer512": run(ref_time), "flops": flops}}
+
+
+def test_ceilings_give_the_rate_a_target_asks_against_the_best_matmul():
+    # official 0.5 s for 50 GFLOP (100 GFLOP/s); 2x asks 50 GFLOP in 0.25 s = 200 GFLOP/s = the 200 GFLOP/s matmul.
+    lines = benchmark.format_ceilings(_fake_report(0.5, 0.4), "official", "ours", {"infer512": 2.0})
+    assert "(200 GFLOP/s)" in lines[0]
+    row = lines[2].split()
+    assert row[3:5] == ["100", "(50%)"] and row[5:7] == ["125", "(62%)"]  # official, ours (50 GFLOP / 0.4 s)
+    assert row[7:] == ["2.00x", "200", "(100%)", "yes"]
+    lines = benchmark.format_ceilings(_fake_report(0.5, 0.4), "official", "ours", {"infer512": 2.5})
+    assert lines[2].split()[7:] == ["2.50x", "250", "(125%)", "NO"]
+    assert benchmark.format_ceilings(_fake_report(0.5, 0.4), "official", "ours", {}) == []
+
+
+def test_show_reprints_a_saved_report_and_names_a_bad_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": "pvt_small", "machine": {"threads": 2}, "rounds": 1, "repeats": 1,
+                                "results": _fake_report(0.5, 0.25), "targets": {"infer512": 1.9}}))
+    proc = _run_cli("pvt_detr.benchmark", "--show", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "2.00x  >=1.90x  yes" in proc.stdout and "190 (95%)" in proc.stdout
+    path.write_text("{not json")
+    proc = _run_cli("pvt_detr.benchmark", "--show", str(path))
+    assert proc.returncode != 0 and f"{path}: not a benchmark report" in proc.stderr
+    assert "Traceback" not in proc.stderr
