@@ -296,6 +296,8 @@ def _fmt_time(s: float | None) -> str:
 LABELS = {"infer512": "infer 512x512 bs1", "infer800": "infer 800x1216 bs1", "train": "train step 512x512 bs2",
           "memory": "train step 800x1216 bs1", "matcher": "matcher bs2 Q100 T20/img",
           "criterion": "criterion 6 layers fwd+bwd", "flops": "flop count (untimed)"}
+# The `flops` measurement's key holding the FLOPs of each timed measurement.
+_FLOP_KEYS = {"infer512": "flops_512", "infer800": "flops_800", "train": "flops_train"}
 
 
 def format_table(design: str, res: dict) -> str:
@@ -311,8 +313,7 @@ def format_table(design: str, res: dict) -> str:
         if "error" in r:
             lines.append(f"{LABELS[name]:<27} FAILED: {r['error']}")
             continue
-        n_flops = {"infer512": flops.get("flops_512"), "infer800": flops.get("flops_800"),
-                   "train": flops.get("flops_train")}.get(name)
+        n_flops = flops.get(_FLOP_KEYS.get(name, ""))
         rate = n_flops / r["median"] / 1e9 if n_flops and "median" in r else None
         mm = r.get("matmul_gflops") or (flops.get("matmul_gflops") if rate else None)
         onednn = r.get("matmul_gflops_onednn") or (flops.get("matmul_gflops_onednn") if rate else None)
@@ -345,7 +346,7 @@ def _pct_of_matmul(res: dict, name: str, best: bool = False) -> float | None:
     """Forward GFLOP/s of an inference measurement as a fraction of the same process's torch.mm GFLOP/s (best: of
     the faster of torch.mm and oneDNN)."""
     r, flops = res.get(name, {}), res.get("flops", {})
-    n_flops = flops.get(f"flops_{name[5:]}")
+    n_flops = flops.get(_FLOP_KEYS[name])
     if "median" not in r or not n_flops:
         return None
     mm = max(r["matmul_gflops"], r.get("matmul_gflops_onednn", 0)) if best else r["matmul_gflops"]
@@ -388,9 +389,6 @@ def format_comparison(results: dict, reference: str, candidate: str, targets: di
     return "\n".join(lines)
 
 
-_FLOP_KEYS = {"infer512": "flops_512", "infer800": "flops_800", "train": "flops_train"}
-
-
 def _best_matmul_gflops(res: dict) -> float | None:
     """The faster of torch.mm and oneDNN on a 2048^2 fp32 product: median over a design's measuring processes."""
     rates = [max(r["matmul_gflops"], r.get("matmul_gflops_onednn", 0.0))
@@ -408,6 +406,7 @@ def format_ceilings(results: dict, reference: str, candidate: str, targets: dict
     ref, cand = results[reference], results[candidate]
     best = _best_matmul_gflops(cand) or _best_matmul_gflops(ref)
     flops_ref, flops_cand = ref.get("flops", {}), cand.get("flops", {})
+    cell = lambda rate: f"{rate:.0f} ({100 * rate / best:.0f}%)"  # noqa: E731
     rows = []
     for name, key in _FLOP_KEYS.items():
         goal = (targets or {}).get(name)
@@ -417,7 +416,6 @@ def format_ceilings(results: dict, reference: str, candidate: str, targets: dict
         f_ref, f_cand = flops_ref.get(key) or flops_cand[key], flops_cand[key]
         rate_ref, rate_cand = f_ref / a["median"] / 1e9, f_cand / b["median"] / 1e9
         need = f_cand * goal / a["median"] / 1e9
-        cell = lambda r: f"{r:.0f} ({100 * r / best:.0f}%)"  # noqa: E731
         rows.append(f"{LABELS[name]:<27} {cell(rate_ref):>12} {cell(rate_cand):>12} {goal:>7.2f}x {cell(need):>12}"
                     f" {'yes' if need <= best else 'NO':>9}")
     if not rows:
