@@ -9,6 +9,8 @@ Measurements (each in its own subprocess, so peak RSS = `ru_maxrss` of that meas
   flops      forward FLOPs (torch.utils.flop_counter) at both sizes, backbone share, FLOPs of the training step,
              and this machine's fp32 matmul GFLOP/s (2048 x 2048: torch.mm, i.e. MKL, and oneDNN's linear)
   matcher    HungarianMatcher time, batch 2, 100 queries, 20 targets per image; and the whole criterion
+  breakdown  where the 512 x 512 inference and the train step spend their time: ms per run by kind of op
+             (linear maps, attention, LayerNorm, copies, optimizer, other ops), see pvt_detr/op_breakdown.py
 Every process also reports the RSS after importing torch and building the model (the baseline).
 Achieved GFLOP/s = forward FLOPs / median latency, shown next to the matmul GFLOP/s measured in the same process:
 "% mm" against torch.mm (the issue's reference), "% best" against the faster of torch.mm and oneDNN (on CPUs where
@@ -45,8 +47,9 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from pvt_detr.detr import build_model
 from pvt_detr.matmul import ONEDNN_AVAILABLE
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
+from pvt_detr.op_breakdown import breakdown, format_breakdown
 
-MEASUREMENTS = ("infer512", "infer800", "train", "memory", "flops", "matcher")
+MEASUREMENTS = ("infer512", "infer800", "train", "memory", "flops", "matcher", "breakdown")
 SIZES = {"512": (512, 512), "800": (800, 1216)}
 RESULT_TAG = "@@benchmark-result "
 
@@ -242,6 +245,13 @@ def measure(name: str, build: Callable, args: argparse.Namespace, repeats: int, 
         stats = _timed(match_many, repeats, warmup)
         result.update({k: [t / inner for t in v] if k == "runs" else v / inner for k, v in stats.items()})
         result["criterion"] = _timed(criterion_step, repeats, warmup)
+    elif name == "breakdown":
+        model.eval()
+        samples = _images(1, SIZES["512"])
+        with torch.no_grad():
+            result["infer512"] = breakdown(lambda: model(samples), repeats, warmup)
+        step = _train_step_fn(model, criterion, 2, SIZES["512"], args, getattr(build, "adamw_kwargs", None))
+        result["train"] = breakdown(step, repeats, max(warmup, 1))  # the first step allocates AdamW's state
     else:
         raise ValueError(f"unknown measurement {name!r}")
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -284,6 +294,12 @@ def _pool_rounds(rounds: list[dict]) -> dict:
         pooled.update(runs=runs, median=statistics.median(runs), min=min(runs), max=max(runs))
     if "criterion" in rounds[0]:
         pooled["criterion"] = _pool_rounds([r["criterion"] for r in rounds])
+    for key in _BREAKDOWN_KEYS:
+        if key in rounds[0] and "seconds" in rounds[0][key]:  # a breakdown: the median per kind over the rounds
+            parts = [r[key] for r in rounds]
+            pooled[key] = dict(parts[0], median=statistics.median(p["median"] for p in parts),
+                               seconds={k: statistics.median(p["seconds"][k] for p in parts)
+                                        for k in parts[0]["seconds"]})
     return pooled
 
 
@@ -295,7 +311,9 @@ def _fmt_time(s: float | None) -> str:
 
 LABELS = {"infer512": "infer 512x512 bs1", "infer800": "infer 800x1216 bs1", "train": "train step 512x512 bs2",
           "memory": "train step 800x1216 bs1", "matcher": "matcher bs2 Q100 T20/img",
-          "criterion": "criterion 6 layers fwd+bwd", "flops": "flop count (untimed)"}
+          "criterion": "criterion 6 layers fwd+bwd", "flops": "flop count (untimed)",
+          "breakdown": "time by op kind"}
+_BREAKDOWN_KEYS = {"infer512": "512x512 infer", "train": "train step"}  # breakdown parts -> column heading
 # The `flops` measurement's key holding the FLOPs of each timed measurement.
 _FLOP_KEYS = {"infer512": "flops_512", "infer800": "flops_800", "train": "flops_train"}
 
@@ -308,7 +326,7 @@ def format_table(design: str, res: dict) -> str:
     flops = res.get("flops", {})
     for name in (*MEASUREMENTS, "criterion"):
         r = res.get("matcher", {}).get("criterion") if name == "criterion" else res.get(name)
-        if r is None:
+        if r is None or (name == "breakdown" and "error" not in r):  # the breakdown has its own table
             continue
         if "error" in r:
             lines.append(f"{LABELS[name]:<27} FAILED: {r['error']}")
@@ -455,11 +473,24 @@ def get_parser(designs: dict) -> argparse.ArgumentParser:
     return p
 
 
+def format_breakdowns(results: dict) -> str | None:
+    """The breakdown measurement of every design in one table (columns: design x part), or None without one."""
+    columns = {f"{design} {heading}": res["breakdown"][key]
+               for key, heading in _BREAKDOWN_KEYS.items() for design, res in results.items()
+               if key in res.get("breakdown", {})}
+    return format_breakdown(columns) if columns else None
+
+
 def _print_report(results: dict, targets: dict | None) -> None:
     names = list(results)
-    for design in names:
+    # measurements of the per-design tables (a failed breakdown is reported there too)
+    tabled = any(name != "breakdown" or "error" in r for res in results.values() for name, r in res.items())
+    for design in names if tabled else ():
         print(format_table(design, results[design]))
-    if len(names) == 2:  # the first design is the candidate, the second the reference (as `--design both` runs)
+    table = format_breakdowns(results)
+    if table:
+        print(table)
+    if len(names) == 2 and tabled:  # the first design is the candidate, the second the reference (as `both` runs)
         print(format_comparison(results, names[1], names[0], targets))
 
 

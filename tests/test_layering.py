@@ -9,8 +9,9 @@ ALLOWED_ROOTS = {"torch", "torchvision", "einops", "scipy", "numpy", "pvt_detr",
                  "types", "platform"}  # types: SimpleNamespace, what a pickled argparse.Namespace is read as
 # (checkpoints.py); platform: matmul.py uses oneDNN on x86-64 only
 FORBIDDEN = ("torch.distributed", "submitit", "datasets", "slurm", "training", "main")
-# Command-line entry points inside the package may also parse arguments, read images and time things.
-CLI_MODULES = {"benchmark.py", "predict.py", "export.py"}
+# Command-line entry points inside the package (and the benchmark's op timer) may also parse arguments, read images
+# and time things.
+CLI_MODULES = {"benchmark.py", "op_breakdown.py", "predict.py", "export.py"}
 CLI_EXTRA = {"argparse", "json", "sys", "os", "time", "statistics", "subprocess", "resource", "PIL", "tqdm",
              "tempfile", "shutil", "platform", "io", "onnx", "onnxruntime", "threading", "inference", "logging",
              "contextlib"}  # logging, contextlib: export.py quiets the exporters' loggers while it reports itself
