@@ -126,5 +126,5 @@ def format_breakdown(columns: dict[str, dict]) -> str:
         lines.append(f"  slowest ops, {h}: {ops}")
     lines.append(f"ops timed one by one under a dispatch mode, in runs of their own; '{OUTSIDE}' (the plain median "
                  "minus the op times) estimates Python, autograd and dispatch, and goes negative where timing slowed "
-                 "the ops more")
+                 "the ops more; over several rounds each row is the median of its own, so rows need not add up")
     return "\n".join(lines)
