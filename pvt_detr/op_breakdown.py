@@ -118,12 +118,12 @@ def format_breakdown(columns: dict[str, dict]) -> str:
     for kind in (*KINDS, OTHER, OUTSIDE):
         cells = [columns[h]["seconds"].get(kind) for h in heads]
         lines.append(f"{kind:<24}" + "".join(f"{'-' if s is None else f'{s * 1e3:.1f}':>{width}}" for s in cells))
-    ops = [sum(s for k, s in columns[h]["seconds"].items() if k != OUTSIDE) for h in heads]
-    lines.append(f"{'sum of op times':<24}" + "".join(f"{s * 1e3:>{width}.1f}" for s in ops))
+    op_sums = [sum(s for k, s in columns[h]["seconds"].items() if k != OUTSIDE) for h in heads]
+    lines.append(f"{'sum of op times':<24}" + "".join(f"{s * 1e3:>{width}.1f}" for s in op_sums))
     lines.append(f"{'plain median':<24}" + "".join(f"{columns[h]['median'] * 1e3:>{width}.1f}" for h in heads))
     for h in heads:
-        ops = ", ".join(f"{name} {s * 1e3:.1f}" for name, s in list(columns[h]["top_ops"].items())[:5])
-        lines.append(f"  slowest ops, {h}: {ops}")
+        slowest = ", ".join(f"{name} {s * 1e3:.1f}" for name, s in list(columns[h]["top_ops"].items())[:5])
+        lines.append(f"  slowest ops, {h}: {slowest}")
     lines.append(f"ops timed one by one under a dispatch mode, in runs of their own; '{OUTSIDE}' (the plain median "
                  "minus the op times) estimates Python, autograd and dispatch, and goes negative where timing slowed "
                  "the ops more; over several rounds each row is the median of its own, so rows need not add up")
