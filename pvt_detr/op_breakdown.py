@@ -42,9 +42,11 @@ _KIND_OF = {op: kind for kind, ops in KINDS.items() for op in ops}
 
 
 def kind_of(op_name: str) -> str:
-    """The kind of an op given its overload-packet name (e.g. "addmm"); `_foreach_*` ops count as optimizer."""
-    if op_name.startswith("_foreach_"):
-        return "optimizer"
+    """The kind of an op given its overload-packet name (e.g. "addmm"), outside an optimizer's step.
+
+    `_foreach_*` ops are "other ops" here: gradient clipping runs them too (`_foreach_norm`, `_foreach_mul_`); inside
+    an optimizer's `step()`, `OpTimes` counts every op as "optimizer" by the step hooks, not by name.
+    """
     return _KIND_OF.get(op_name, OTHER)
 
 

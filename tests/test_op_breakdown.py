@@ -15,7 +15,8 @@ def test_kinds_of_known_ops():
     assert kind_of("_scaled_dot_product_flash_attention_for_cpu") == kind_of("_softmax") == "attention"
     assert kind_of("bmm") == kind_of("baddbmm") == "attention"  # the models batch only attention's products
     assert kind_of("native_layer_norm_backward") == "layer norm"
-    assert kind_of("_foreach_add_") == kind_of("_fused_adamw_") == "optimizer"
+    assert kind_of("_fused_adamw_") == "optimizer"
+    assert kind_of("_foreach_norm") == OTHER  # gradient clipping's, outside a step; a step's ops count by its hooks
     assert kind_of("copy_") == kind_of("cat") == "copies"
     assert kind_of("gelu") == kind_of("add_") == OTHER
 
@@ -55,6 +56,9 @@ def test_every_op_of_an_optimizer_step_counts_as_optimizer():
         optimizer.step()  # the first step allocates the optimizer's state
         with OpTimes() as times:
             (w @ w).sum().backward()
+            n_other = times.calls[OTHER]
+            torch.nn.utils.clip_grad_norm_([w], 0.1, foreach=True)  # _foreach_norm ... before the step: other ops
+            assert times.calls["optimizer"] == 0 and times.calls[OTHER] > n_other
             optimizer.step()
             w.grad.mul_(2)  # after the step: an op of its own kind again
         assert times.calls["optimizer"] > 0 and times.seconds["optimizer"] > 0
