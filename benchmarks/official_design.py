@@ -333,8 +333,8 @@ class OfficialCriterion(nn.Module):
         losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
         with torch.no_grad():  # DETR logs the class error of the last layer only, the cardinality of every layer
             if log:
-                correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes_o).float().mean()
-                losses["class_error"] = 100 - 100 * correct
+                correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes_o).float()
+                losses["class_error"] = 100 - 100 * (correct.mean() if len(correct) else correct.sum())
             n_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
             n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
             losses["cardinality_error"] = F.l1_loss(n_pred.float(), n_tgt.float())

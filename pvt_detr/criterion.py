@@ -6,7 +6,7 @@ the training engine), so this module never touches torch.distributed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +23,26 @@ def box_count(targets: list[dict], num_boxes: float | None) -> float:
     return max(float(num_boxes), 1.0)
 
 
+LOSSES = ("labels", "boxes", "cardinality")  # DETR's loss groups, in DETR's order
+
+
 class SetCriterion(nn.Module):
-    """Computes `loss_ce`, `loss_bbox`, `loss_giou` (+ `_{i}` per aux layer), `class_error`, `cardinality_error`."""
+    """DETR's set loss. Loss groups (`losses`, DETR's names): "labels" -> `loss_ce` (+ the logged `class_error`),
+    "boxes" -> `loss_bbox`, `loss_giou`, "cardinality" -> the logged `cardinality_error`. Every group is computed
+    for the last decoder layer and, suffixed `_{i}`, for each aux layer (`class_error` for the last layer only)."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 eos_coef: float = 0.1):
+                 eos_coef: float = 0.1, losses: Sequence[str] = LOSSES):
         super().__init__()
+        unknown = [name for name in losses if name not in LOSSES]
+        if unknown:
+            why = " (pvt-detr has no segmentation head)" if "masks" in unknown else ""
+            raise ValueError(f"unknown loss {unknown[0]!r}{why}; SetCriterion computes {', '.join(LOSSES)}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
+        self.losses = list(losses)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -40,6 +50,13 @@ class SetCriterion(nn.Module):
         # normalised by the mean weight sum over processes rather than this process's own, so that N processes
         # (gradients averaged by DDP) compute exactly the one-process loss of the global batch. Training only.
         self.process_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @staticmethod
+    def _src_permutation_idx(indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image index, query index) of every matched prediction, each (M,)."""
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+        src_idx = torch.cat([src for src, _ in indices]).to(device)
+        return batch_idx, src_idx
 
     def _weighted_ce(self, logits: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of (B, Q, K+1) logits, weighted by `empty_weight`, divided by the weight sum."""
@@ -61,28 +78,52 @@ class SetCriterion(nn.Module):
         """(B,) queries per image predicting an object (argmax is not the no-object class)."""
         return (logits.argmax(-1) != self.num_classes).sum(1).float()
 
-    def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float, log: bool) -> dict:
+    def loss_labels(self, outputs: dict, targets: list[dict], indices, num_boxes: float,
+                    log: bool = True) -> dict[str, torch.Tensor]:
+        """`loss_ce`; with log, `class_error`: % of matched queries whose argmax is not their target's class
+        (100 when nothing is matched, as in DETR)."""
         logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) for sigmoid heads
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
-        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)  # (M,)
+        batch_idx, src_idx = self._src_permutation_idx(indices, logits.device)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])  # (M,)
         losses = {"loss_ce": self._class_loss(logits, batch_idx, src_idx, target_classes_o, num_boxes)}
-
-        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4) cxcywh
-        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()  # (M, 4) cxcywh
-        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
-        losses["loss_giou"] = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
-                                                       box_convert(tgt_boxes, "cxcywh", "xyxy"),
-                                                       reduction="sum") / num_boxes
         if log:
             with torch.no_grad():
-                if len(src_idx):
-                    correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes_o).float().mean()
-                    losses["class_error"] = 100.0 - 100.0 * correct
-                else:
-                    losses["class_error"] = torch.tensor(0.0, device=logits.device)
-                n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.float, device=logits.device)
-                losses["cardinality_error"] = F.l1_loss(self._num_predicted(logits), n_tgt)
+                correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes_o).float()  # (M,)
+                accuracy = correct.mean() if len(correct) else torch.zeros((), device=logits.device)
+                losses["class_error"] = 100.0 - 100.0 * accuracy
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs: dict, targets: list[dict], indices,
+                         num_boxes: float) -> dict[str, torch.Tensor]:
+        """`cardinality_error`: mean |predicted objects - target boxes| per image (logged, no gradient)."""
+        logits = outputs["pred_logits"]  # (B, Q, K+1)
+        n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.float, device=logits.device)
+        return {"cardinality_error": F.l1_loss(self._num_predicted(logits), n_tgt)}
+
+    def loss_boxes(self, outputs: dict, targets: list[dict], indices, num_boxes: float) -> dict[str, torch.Tensor]:
+        """`loss_bbox` (L1 of cxcywh) and `loss_giou` (1 - GIoU) of the matched boxes, summed, / num_boxes."""
+        batch_idx, src_idx = self._src_permutation_idx(indices, outputs["pred_boxes"].device)
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4) cxcywh
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()  # (M, 4) cxcywh
+        giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                        box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum")
+        return {"loss_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes,
+                "loss_giou": giou / num_boxes}
+
+    def get_loss(self, loss: str, outputs: dict, targets: list[dict], indices, num_boxes: float,
+                 **kwargs) -> dict[str, torch.Tensor]:
+        """One loss group by DETR's name: "labels", "boxes" or "cardinality"."""
+        groups = {"labels": self.loss_labels, "boxes": self.loss_boxes, "cardinality": self.loss_cardinality}
+        return groups[loss](outputs, targets, indices, num_boxes, **kwargs)
+
+    def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float, log: bool,
+                groups: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The loss groups (default `self.losses`) of one set of predictions, given its matching."""
+        losses: dict[str, torch.Tensor] = {}
+        for name in self.losses if groups is None else groups:
+            kwargs = {"log": log} if name == "labels" else {}
+            losses.update(self.get_loss(name, outputs, targets, indices, num_boxes, **kwargs))
         return losses
 
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
@@ -120,8 +161,8 @@ class SigmoidFocalSetCriterion(SetCriterion):
     `loss_ce`; L1 + GIoU on matched boxes as in SetCriterion. `eos_coef` is not used."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
-        super().__init__(num_classes, _SigmoidScoreMatcher(matcher), weight_dict, eos_coef=1.0)
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, losses: Sequence[str] = LOSSES):
+        super().__init__(num_classes, _SigmoidScoreMatcher(matcher), weight_dict, eos_coef=1.0, losses=losses)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
@@ -195,9 +236,11 @@ class DenoisingCriterion(nn.Module):
             return losses
         num_boxes = box_count(targets, num_boxes) * self.dn_groups
         indices = dn["indices"]
-        losses.update({f"{k}_dn": v for k, v in self.base._losses(dn, targets, indices, num_boxes, log=False).items()})
+        groups = [name for name in self.base.losses if name != "cardinality"]  # fixed matches: no cardinality
+        dn_losses = self.base._losses(dn, targets, indices, num_boxes, log=False, groups=groups)
+        losses.update({f"{k}_dn": v for k, v in dn_losses.items()})
         for i, aux in enumerate(dn.get("aux_outputs", [])):
-            aux_losses = self.base._losses(aux, targets, indices, num_boxes, log=False)
+            aux_losses = self.base._losses(aux, targets, indices, num_boxes, log=False, groups=groups)
             losses.update({f"{k}_dn_{i}": v for k, v in aux_losses.items()})
         return losses
 
@@ -224,7 +267,9 @@ class TwoStageCriterion(nn.Module):
         if self.repeat > 1:
             targets = [{**t, "labels": t["labels"].repeat(self.repeat), "boxes": t["boxes"].repeat(self.repeat, 1)}
                        for t in targets]
-        enc_losses = self.base._losses(enc, targets, self.base.matcher(enc, targets), num_boxes, log=False)
+        groups = [name for name in self.base.losses if name != "cardinality"]  # per-token predictions: no count
+        enc_losses = self.base._losses(enc, targets, self.base.matcher(enc, targets), num_boxes, log=False,
+                                       groups=groups)
         losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         return losses
 

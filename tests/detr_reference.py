@@ -207,17 +207,18 @@ def ref_set_loss(outputs, targets, num_classes, eos_coef=0.1):
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
         giou = torch.diag(_generalized_iou(_cxcywh_to_xyxy(src_boxes), _cxcywh_to_xyxy(tgt_boxes)))
-        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+        with torch.no_grad():  # logged, not optimised: DETR's cardinality_error, of every decoder layer
+            predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
+            cardinality = F.l1_loss(predicted.float(), torch.tensor([len(t["labels"]) for t in targets]).float())
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes,
+                "cardinality_error": cardinality}
 
     losses = single(outputs)
-    with torch.no_grad():  # logged, not optimised: DETR's class_error and cardinality_error
+    with torch.no_grad():  # logged, not optimised: DETR's class_error, of the last layer only
         indices = ref_match(outputs, targets)
         matched = torch.cat([outputs["pred_logits"][i, src] for i, (src, _) in enumerate(indices)])
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         losses["class_error"] = 100 - (matched.argmax(-1) == labels).float().mean() * 100
-        predicted = (outputs["pred_logits"].argmax(-1) != outputs["pred_logits"].shape[-1] - 1).sum(1)
-        losses["cardinality_error"] = F.l1_loss(predicted.float(),
-                                                torch.tensor([len(t["labels"]) for t in targets]).float())
     for i, aux in enumerate(outputs["aux_outputs"]):
         losses.update({f"{k}_{i}": v for k, v in single(aux).items()})
     return losses

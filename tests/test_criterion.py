@@ -85,3 +85,35 @@ def test_postprocess_scales_to_absolute_xyxy():
     assert res["labels"].tolist() == [1, 0]
     p = torch.tensor([0.0, 4.0, 0.0]).softmax(0)[1].item()
     assert res["scores"][0].item() == pytest.approx(p)
+
+
+def test_aux_layers_log_cardinality_and_the_loss_groups_are_selectable_as_in_detr():
+    outputs, targets = _two_image_example()
+    aux = {"pred_logits": torch.tensor([[[0.0, 0.0, 5.0], [0.0, 0.0, 5.0]], [[0.0, 0.0, 5.0], [0.0, 0.0, 5.0]]]),
+           "pred_boxes": outputs["pred_boxes"].clone()}
+    outputs["aux_outputs"] = [aux]
+    losses = SetCriterion(2, HungarianMatcher(), {})(outputs, targets)
+    assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",
+                           "loss_ce_0", "loss_bbox_0", "loss_giou_0", "cardinality_error_0"}
+    # The aux layer predicts no object anywhere: |0 - 1| and |0 - 0| -> 0.5; the last layer: 0.5 (see above).
+    assert losses["cardinality_error_0"].item() == pytest.approx(0.5)
+    assert losses["loss_bbox_0"].item() == pytest.approx(losses["loss_bbox"].item())
+
+    only_labels = SetCriterion(2, HungarianMatcher(), {}, 0.1, ["labels"])
+    assert only_labels.losses == ["labels"]
+    assert set(only_labels(outputs, targets)) == {"loss_ce", "class_error", "loss_ce_0"}
+    assert only_labels(outputs, targets)["loss_ce"].item() == pytest.approx(losses["loss_ce"].item())
+    with pytest.raises(ValueError, match="'masks'.*no segmentation head"):
+        SetCriterion(2, HungarianMatcher(), {}, 0.1, ["labels", "masks"])
+
+
+def test_class_error_of_a_batch_without_targets_is_100_as_in_detr():
+    outputs, targets = _two_image_example()
+    empty = [targets[1], targets[1]]
+    losses = SetCriterion(2, HungarianMatcher(), {})(outputs, empty)
+    assert losses["class_error"].item() == 100.0
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
+    # Every query is no-object (class 2): CE with equal weights 0.1 over the 4 queries.
+    lse = lambda v: math.log(sum(math.exp(x) for x in v))  # noqa: E731
+    nll = [lse([2, 0, 0]) - 0, lse([0, 0, 1]) - 1, lse([0, 1, 0]) - 0, lse([0, 0, 3]) - 3]
+    assert losses["loss_ce"].item() == pytest.approx(sum(nll) / 4, rel=1e-6)
