@@ -36,7 +36,7 @@ from pvt_detr.image_io import ImageReadError, read_image
 def per_box_fields(inputs: Any) -> tuple[torch.Tensor, ...]:
     """`labels_getter` for `v2.SanitizeBoundingBoxes`: the target tensors indexed like the boxes."""
     target = inputs[1] if isinstance(inputs, (tuple, list)) else inputs
-    return tuple(target[key] for key in ("labels", "iscrowd") if key in target)
+    return tuple(target[key] for key in ("labels", "iscrowd", "area", "box_area") if key in target)
 
 
 def sanitize_boxes() -> v2.SanitizeBoundingBoxes:
@@ -48,7 +48,9 @@ def coco_target(annotations: list[dict], image_id: int, height: int, width: int,
     """COCO annotations of one image -> target dict before transforms.
 
     boxes: `tv_tensors.BoundingBoxes` (T, 4) XYXY absolute pixels, clamped to the image, boxes under
-    1 pixel removed; labels (T,) int64 category ids; iscrowd (T,); image_id; orig_size [h, w].
+    1 pixel removed; labels (T,) int64 category ids; iscrowd (T,); area (T,) the annotations' `area` (COCO's
+    segmentation area; the box's if absent); box_area (T,) of the clamped boxes, which `to_detr_target` uses to
+    scale `area` with the transforms; image_id; orig_size [h, w].
     """
     if drop_crowd:
         annotations = [a for a in annotations if not a.get("iscrowd", 0)]
@@ -59,6 +61,9 @@ def coco_target(annotations: list[dict], image_id: int, height: int, width: int,
         "boxes": boxes,
         "labels": torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),  # (T,)
         "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in annotations], dtype=torch.int64),  # (T,)
+        "area": torch.tensor([float(a["area"]) if "area" in a else float(a["bbox"][2] * a["bbox"][3])
+                              for a in annotations], dtype=torch.float32),  # (T,)
+        "box_area": box_area(boxes.as_subclass(torch.Tensor)),  # (T,)
         "image_id": torch.tensor(image_id, dtype=torch.int64),
         "orig_size": torch.tensor([height, width], dtype=torch.int64),
     }
@@ -68,7 +73,10 @@ def coco_target(annotations: list[dict], image_id: int, height: int, width: int,
 def to_detr_target(image: torch.Tensor, target: dict) -> dict:
     """Transformed (image (3, H, W), target with XYXY pixel boxes) -> DETR's target of plain tensors.
 
-    boxes (T, 4) cxcywh normalised by (W, H), within [0, 1]; area (T,) box area in transformed pixels; size [H, W].
+    boxes (T, 4) cxcywh normalised by (W, H), within [0, 1]; size [H, W]; area (T,) in transformed pixels: the
+    annotation's area times the factor by which the transforms scaled its box's area (DETR's area, the segmentation
+    area scaled by the resize; a crop keeps the part of it in proportion to the box part kept), or the box area
+    for a target without `area`.
     """
     height, width = image.shape[-2:]
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
@@ -76,9 +84,12 @@ def to_detr_target(image: torch.Tensor, target: dict) -> dict:
     # Resizing scales coordinates in float32: a box edge on the image border can land a hair outside it.
     boxes_xyxy = torch.minimum(boxes_xyxy.clamp(min=0), scale)  # (T, 4)
     boxes_cxcywh = torchvision.ops.box_convert(boxes_xyxy, "xyxy", "cxcywh")  # (T, 4)
-    out = {key: value for key, value in target.items() if key != "boxes"}
+    out = {key: value for key, value in target.items() if key not in ("boxes", "box_area")}
     out["boxes"] = boxes_cxcywh / scale  # (T, 4)
-    out["area"] = box_area(boxes_xyxy)  # (T,)
+    area = box_area(boxes_xyxy)  # (T,)
+    if "area" in target and "box_area" in target:
+        area = target["area"] * area / target["box_area"].clamp_min(1e-6)  # (T,)
+    out["area"] = area
     out["size"] = torch.tensor([height, width], dtype=torch.int64)
     return out
 

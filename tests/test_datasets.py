@@ -81,7 +81,8 @@ def test_val_targets(coco_root):
     # cxcywh / (W, H); the second box is clamped from x 40..70, y 20..60 to x 40..64, y 20..48
     torch.testing.assert_close(target["boxes"], torch.tensor([[16 / 64, 16 / 48, 16 / 64, 16 / 48],
                                                               [52 / 64, 34 / 48, 24 / 64, 28 / 48]]))
-    torch.testing.assert_close(target["area"], torch.tensor([16 * 85 / 64 * 16 * 4 / 3, 24 * 85 / 64 * 28 * 4 / 3]))
+    # the annotations' areas scaled by the resize, as in DETR (the clamped box keeps its annotated area)
+    torch.testing.assert_close(target["area"], torch.tensor([256 * 85 / 64 * 4 / 3, 1200 * 85 / 64 * 4 / 3]))
     assert target["iscrowd"].tolist() == [0, 0]
     assert target["orig_size"].tolist() == [48, 64] and target["size"].tolist() == [64, 85]
     assert target["labels"].dtype == torch.int64 and target["image_id"].dtype == torch.int64

@@ -160,3 +160,21 @@ def test_collate_pads_to_32_and_keeps_normalised_boxes():
     assert samples.tensors[1, :, :70, :40].eq(3.0).all() and samples.tensors[1, :, :, 40:].eq(0).all()
     assert int((~samples.mask[0]).sum()) == 50 * 100 and int((~samples.mask[1]).sum()) == 70 * 40
     assert targets == (first[1], second[1])
+
+
+def test_area_is_the_annotation_area_scaled_with_the_box_as_in_detr():
+    # 100 x 50 image, eval resize to short side 100: both axes x 2, so areas x 4 (DETR: area * ratio_w * ratio_h).
+    annotations = [{"bbox": [10, 5, 20, 20], "category_id": 3, "area": 250.5},
+                   {"bbox": [50, 10, 40, 30], "category_id": 4}]  # no area: the box's
+    target = coco_target(annotations, image_id=5, height=50, width=100)
+    image, target = build_eval_transform(100, 1000)(_image(100, 50, []), target)
+    detr = to_detr_target(image, target)
+    torch.testing.assert_close(detr["area"], torch.tensor([1002.0, 4800.0]))
+    assert "box_area" not in detr
+
+    # A crop keeping the left half of a 20 x 20 box keeps half of its annotated area.
+    crop = RandomSizeCrop(50, 50)
+    crop.make_params = lambda flat_inputs: dict(top=0, left=20, height=50, width=50)
+    target = coco_target([{"bbox": [10, 5, 20, 20], "category_id": 3, "area": 300.0}], 5, 50, 100)
+    image, target = v2.Compose([crop, sanitize_boxes(), v2.PILToTensor()])(_image(100, 50, []), target)
+    torch.testing.assert_close(to_detr_target(image, target)["area"], torch.tensor([150.0]))
