@@ -216,6 +216,12 @@ class GroupSetCriterion(nn.Module):
         return {k: v / self.num_groups for k, v in total.items()}
 
 
+def _extra_query_losses(base: SetCriterion) -> list[str]:
+    """`base`'s loss groups without "cardinality", for the denoising and encoder-token predictions: their query
+    counts (fixed noised copies, one per token) say nothing about how many objects the detector finds."""
+    return [name for name in base.losses if name != "cardinality"]
+
+
 class DenoisingCriterion(nn.Module):
     """Opt-in (`--dn_groups K`): adds DN-DETR's reconstruction losses of the denoising queries (`dn_outputs`, with
     their fixed (query, target) `indices`) to `criterion`'s losses, as `<loss>_dn` (and `<loss>_dn_<i>` per aux
@@ -236,7 +242,7 @@ class DenoisingCriterion(nn.Module):
             return losses
         num_boxes = box_count(targets, num_boxes) * self.dn_groups
         indices = dn["indices"]
-        groups = [name for name in self.base.losses if name != "cardinality"]  # fixed matches: no cardinality
+        groups = _extra_query_losses(self.base)
         dn_losses = self.base._losses(dn, targets, indices, num_boxes, log=False, groups=groups)
         losses.update({f"{k}_dn": v for k, v in dn_losses.items()})
         for i, aux in enumerate(dn.get("aux_outputs", [])):
@@ -267,9 +273,8 @@ class TwoStageCriterion(nn.Module):
         if self.repeat > 1:
             targets = [{**t, "labels": t["labels"].repeat(self.repeat), "boxes": t["boxes"].repeat(self.repeat, 1)}
                        for t in targets]
-        groups = [name for name in self.base.losses if name != "cardinality"]  # per-token predictions: no count
         enc_losses = self.base._losses(enc, targets, self.base.matcher(enc, targets), num_boxes, log=False,
-                                       groups=groups)
+                                       groups=_extra_query_losses(self.base))
         losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         return losses
 
