@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pvt_detr.backbone.registry import list_backbones
 from pvt_detr.detr import POSITION_EMBEDDINGS
-from pvt_detr.models.registry import list_backbones
 
 
 def _int_list(text: str) -> list[int]:

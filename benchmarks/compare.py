@@ -2,14 +2,14 @@
 
     python -m benchmarks.compare --model pvt_small --threads 2 --repeats 6 --design both --json out.json
 
-Runs `pvt_detr.benchmark` (every measurement in its own process, designs interleaved) with two designs:
+Runs `benchmarks.benchmark` (every measurement in its own process, designs interleaved) with two designs:
 `ours` (pvt_detr.build_model) and `official` (benchmarks/official_design.py).
 """
 
 from __future__ import annotations
 
+from benchmarks import benchmark
 from benchmarks.official_design import build_official
-from pvt_detr import benchmark
 
 DESIGNS = {"ours": benchmark.build_ours, "official": build_official}
 

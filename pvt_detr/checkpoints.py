@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from pvt_detr.models.patch_linear import conv_weight_to_linear
-from pvt_detr.models.pvt import resize_pos_embed
+from pvt_detr.backbone.patch_linear import conv_weight_to_linear
+from pvt_detr.backbone.pvt import resize_pos_embed
 
 
 class CheckpointError(ValueError):

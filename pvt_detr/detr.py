@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
+from pvt_detr.backbone.registry import build_backbone
 from pvt_detr.criterion import SetCriterion, build_criterion
 from pvt_detr.matmul import Linear
-from pvt_detr.models.registry import build_backbone
 from pvt_detr.nested_tensor import NestedTensor, is_exporting, nested_tensor_from_tensor_list
 from pvt_detr.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from pvt_detr.postprocess import PostProcess

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_detr.attention import MultiheadAttention
+from pvt_detr.backbone.mlp import can_fuse_inference, mlp_add_
 from pvt_detr.dropout import Dropout
 from pvt_detr.matmul import Linear, linear_add
-from pvt_detr.models.mlp import can_fuse_inference, mlp_add_
 
 
 def _residual_proj(residual: torch.Tensor, heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:

@@ -20,9 +20,9 @@ def _seed():
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """The fused MLP (pvt_detr/models/mlp.py) in chunks of 70 rows, so that small inputs span several chunks with a
+    """The fused MLP (pvt_detr/backbone/mlp.py) in chunks of 70 rows, so that small inputs span several chunks with a
     ragged last one, and fused at any size."""
-    import pvt_detr.models.mlp as mlp_module
+    import pvt_detr.backbone.mlp as mlp_module
 
     monkeypatch.setattr(mlp_module, "_chunk_rows", lambda hidden_dim, element_size, chunk_bytes: 70)
     monkeypatch.setattr(mlp_module, "MIN_FUSED_BYTES", 0)

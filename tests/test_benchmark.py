@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from benchmarks import benchmark
 from benchmarks.official_design import OfficialMatcher, build_official
-from pvt_detr import benchmark, load_detr_checkpoint, load_pvt_checkpoint
+from pvt_detr import load_detr_checkpoint, load_pvt_checkpoint
 from pvt_detr.matcher import HungarianMatcher
 from tests.conftest import ROOT
 
@@ -23,7 +24,7 @@ def _run_cli(module: str, *argv: str) -> subprocess.CompletedProcess:
 
 def test_matcher_measurement_reports_positive_well_formed_numbers(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _run_cli("pvt_detr.benchmark", "--only", "matcher", "--repeats", "2", "--warmup", "0",
+    proc = _run_cli("benchmarks.benchmark", "--only", "matcher", "--repeats", "2", "--warmup", "0",
                     "--threads", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "matcher bs2 Q100 T20/img" in proc.stdout and "baseline RSS" in proc.stdout
@@ -37,7 +38,7 @@ def test_matcher_measurement_reports_positive_well_formed_numbers(tmp_path):
 
 
 def test_library_cli_points_to_the_comparison_driver_for_the_official_design():
-    proc = _run_cli("pvt_detr.benchmark", "--design", "official", "--only", "matcher")
+    proc = _run_cli("benchmarks.benchmark", "--design", "official", "--only", "matcher")
     assert proc.returncode != 0 and "benchmarks.compare" in proc.stderr
 
 
@@ -135,10 +136,10 @@ def test_show_reprints_a_saved_report_and_names_a_bad_file(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"model": "pvt_small", "machine": {"threads": 2}, "rounds": 1, "repeats": 1,
                                 "results": _fake_report(0.5, 0.25), "targets": {"infer512": 1.9}}))
-    proc = _run_cli("pvt_detr.benchmark", "--show", str(path))
+    proc = _run_cli("benchmarks.benchmark", "--show", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "2.00x  >=1.90x  yes" in proc.stdout and "190 (95%)" in proc.stdout
     path.write_text("{not json")
-    proc = _run_cli("pvt_detr.benchmark", "--show", str(path))
+    proc = _run_cli("benchmarks.benchmark", "--show", str(path))
     assert proc.returncode != 0 and f"{path}: not a benchmark report" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import main
 from pvt_detr import build_model, list_backbones, load_detr_checkpoint, load_pvt_checkpoint
 from pvt_detr.attention import MultiheadAttention
+from pvt_detr.backbone.registry import build_backbone
 from pvt_detr.checkpoints import CheckpointError
-from pvt_detr.models.registry import build_backbone
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
 
 SMALL = ["--backbone", "pvt_nano", "--hidden_dim", "64", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",

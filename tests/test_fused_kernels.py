@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from pvt_detr.attention import MultiheadAttention, _DropoutAttention
+from pvt_detr.backbone.mlp import Mlp
 from pvt_detr.dropout import Dropout, dropout, keep_mask
-from pvt_detr.models.mlp import Mlp
 
 
 def _plain(m: Mlp, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ def test_dropout_attention_gradcheck():
 def test_inplace_inference_block_equals_the_plain_block(small_chunks, sr_ratio):
     """The inference path that adds both residuals into the caller's tensor computes the plain block's output,
     is taken only when asked, without autograd and in eval mode, and leaves the input alone otherwise."""
-    from pvt_detr.models.pvt import Block
+    from pvt_detr.backbone.pvt import Block
 
     torch.manual_seed(0)
     block = Block(32, 2, 4.0, sr_ratio, drop_path=0.1).eval()

@@ -11,7 +11,7 @@ ALLOWED_ROOTS = {"torch", "torchvision", "einops", "scipy", "numpy", "pvt_detr",
 FORBIDDEN = ("torch.distributed", "submitit", "datasets", "slurm", "training", "main")
 # Command-line entry points inside the package (and the benchmark's op timer) may also parse arguments, read images
 # and time things.
-CLI_MODULES = {"benchmark.py", "op_breakdown.py", "predict.py", "export.py"}
+CLI_MODULES = {"predict.py", "export.py"}
 CLI_EXTRA = {"argparse", "json", "sys", "os", "time", "statistics", "subprocess", "resource", "PIL", "tqdm",
              "tempfile", "shutil", "platform", "io", "onnx", "onnxruntime", "threading", "inference", "logging",
              "contextlib"}  # logging, contextlib: export.py quiets the exporters' loggers while it reports itself

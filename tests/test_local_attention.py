@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import main
 from pvt_detr import build_backbone, build_model, load_pvt_checkpoint
-from pvt_detr.models.local_attention import NeighbourhoodAttention
+from pvt_detr.backbone.local_attention import NeighbourhoodAttention
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
 
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import pvt_detr.models.mlp as mlp_module
+import pvt_detr.backbone.mlp as mlp_module
 from pvt_detr import matmul
+from pvt_detr.backbone.mlp import Mlp
 from pvt_detr.matmul import Linear, input_grad, linear, linear_act, linear_add, linear_add_, weight_grad
-from pvt_detr.models.mlp import Mlp
 
 pytestmark = pytest.mark.skipif(not matmul.ONEDNN_AVAILABLE, reason="this PyTorch build has no MKL-DNN")
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.optim.optimizer as optimizer_module
 
-from pvt_detr import benchmark
+from benchmarks import benchmark
+from benchmarks.op_breakdown import KINDS, OTHER, OUTSIDE, OpTimes, breakdown, kind_of
 from pvt_detr.matmul import ONEDNN_AVAILABLE, linear
-from pvt_detr.op_breakdown import KINDS, OTHER, OUTSIDE, OpTimes, breakdown, kind_of
 from tests.test_benchmark import TINY
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pvt_detr import build_backbone, list_backbones, load_pvt_checkpoint, register_backbone
+from pvt_detr.backbone.patch_linear import PatchLinear, conv_weight_to_linear, linear_weight_to_conv
 from pvt_detr.checkpoints import CheckpointError
-from pvt_detr.models.patch_linear import PatchLinear, conv_weight_to_linear, linear_weight_to_conv
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
 from tests.pvt_reference import RefPVT
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from pvt_detr.models.pvt import PyramidVisionTransformer
+from pvt_detr.backbone.pvt import PyramidVisionTransformer
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 

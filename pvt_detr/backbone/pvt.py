@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from pvt_detr.backbone.local_attention import LocalMixing
+from pvt_detr.backbone.mlp import Mlp, can_fuse_inference, mlp_add_
+from pvt_detr.backbone.patch_linear import PatchLinear
+from pvt_detr.backbone.sra import SpatialReductionAttention
 from pvt_detr.matmul import Linear, linear_add_
-from pvt_detr.models.local_attention import LocalMixing
-from pvt_detr.models.mlp import Mlp, can_fuse_inference, mlp_add_
-from pvt_detr.models.patch_linear import PatchLinear
-from pvt_detr.models.sra import SpatialReductionAttention
 from pvt_detr.nested_tensor import NestedTensor, is_exporting, valid_sizes
 
 

@@ -1,4 +1,4 @@
-"""CPU speed and memory benchmark of PVT + DETR: `python -m pvt_detr.benchmark --model pvt_small --threads 2`.
+"""CPU speed and memory benchmark of PVT + DETR: `python -m benchmarks.benchmark --model pvt_small --threads 2`.
 
 Measurements (each in its own subprocess, so peak RSS = `ru_maxrss` of that measurement alone):
   infer512   inference latency, batch 1, 512 x 512 (eval mode, no_grad)
@@ -10,7 +10,7 @@ Measurements (each in its own subprocess, so peak RSS = `ru_maxrss` of that meas
              and this machine's fp32 matmul GFLOP/s (2048 x 2048: torch.mm, i.e. MKL, and oneDNN's linear)
   matcher    HungarianMatcher time, batch 2, 100 queries, 20 targets per image; and the whole criterion
   breakdown  where the 512 x 512 inference and the train step spend their time: ms per run by kind of op
-             (linear maps, attention, LayerNorm, copies, optimizer, other ops), see pvt_detr/op_breakdown.py
+             (linear maps, attention, LayerNorm, copies, optimizer, other ops), see benchmarks/op_breakdown.py
 Every process also reports the RSS after importing torch and building the model (the baseline).
 Achieved GFLOP/s = forward FLOPs / median latency, shown next to the matmul GFLOP/s measured in the same process:
 "% mm" against torch.mm (the issue's reference), "% best" against the faster of torch.mm and oneDNN (on CPUs where
@@ -44,10 +44,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
+from benchmarks.op_breakdown import breakdown, format_breakdown
 from pvt_detr.detr import build_model
 from pvt_detr.matmul import ONEDNN_AVAILABLE
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
-from pvt_detr.op_breakdown import breakdown, format_breakdown
 
 MEASUREMENTS = ("infer512", "infer800", "train", "memory", "flops", "matcher", "breakdown")
 SIZES = {"512": (512, 512), "800": (800, 1216)}
@@ -512,7 +512,7 @@ def show_report(path: str) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None, designs: dict | None = None, module: str = "pvt_detr.benchmark",
+def main(argv: list[str] | None = None, designs: dict | None = None, module: str = "benchmarks.benchmark",
          targets: dict | None = None) -> dict:
     """CLI entry point; `designs` maps names to builders, `module` is what workers run as `python -m module`."""
     designs = designs or DESIGNS

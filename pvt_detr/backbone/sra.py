@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from pvt_detr.backbone.patch_linear import PatchLinear
 from pvt_detr.matmul import Linear
-from pvt_detr.models.patch_linear import PatchLinear
 
 
 class SpatialReductionAttention(nn.Module):
