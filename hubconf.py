@@ -6,32 +6,22 @@ Nothing is downloaded: weights come from local files, an official PVT ImageNet c
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import dataclasses
 
 dependencies = ["torch", "torchvision", "scipy", "einops"]
 
 
-def _main_module():
-    """This repository's main.py, loaded by path (a caller's own `main` module may already be imported)."""
-    spec = importlib.util.spec_from_file_location("pvt_detr_main", Path(__file__).with_name("main.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _detr(backbone: str, num_classes: int | None, pretrained_backbone: str | None, return_postprocessor: bool,
           overrides: dict):
-    """build_model at main.py's defaults (the paper's recipe) with `overrides` as flag values."""
-    from pvt_detr import build_model, load_pvt_checkpoint
+    """build_model at `ModelConfig`'s defaults (the paper's recipe) with `overrides` as field values."""
+    from pvt_detr import ModelConfig, build_model, load_pvt_checkpoint
 
-    flags = ["--backbone", backbone] + ([] if num_classes is None else ["--num_classes", str(num_classes)])
-    args = _main_module().get_args_parser().parse_args(flags)  # num_classes None: COCO's 91, as build_model does
-    for key, value in overrides.items():
-        if not hasattr(args, key):
-            raise TypeError(f"{backbone}_detr: unknown option {key!r} (main.py has no --{key})")
-        setattr(args, key, value)
-    model, _, postprocessors = build_model(args)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"{backbone}_detr: unknown option {unknown[0]!r} (ModelConfig has no such field)")
+    config = ModelConfig.from_any({"backbone": backbone, "num_classes": num_classes, **overrides})
+    model, _, postprocessors = build_model(config)
     if pretrained_backbone is not None:
         print(load_pvt_checkpoint(model.backbone, pretrained_backbone))
     return (model, postprocessors["bbox"]) if return_postprocessor else model
@@ -40,7 +30,8 @@ def _detr(backbone: str, num_classes: int | None, pretrained_backbone: str | Non
 def pvt_tiny_detr(num_classes: int | None = 91, pretrained_backbone: str | None = None,
                   return_postprocessor: bool = False, **overrides):
     """PVT-Tiny + DETR (randomly initialised; `pretrained_backbone`: an official PVT ImageNet .pth).
-    `overrides`: main.py flag values, e.g. `num_queries=50`. With `return_postprocessor`: (model, PostProcess)."""
+    `overrides`: `pvt_detr.ModelConfig` fields (main.py's model flags), e.g. `num_queries=50`. With
+    `return_postprocessor`: (model, PostProcess)."""
     return _detr("pvt_tiny", num_classes, pretrained_backbone, return_postprocessor, overrides)
 
 
@@ -63,9 +54,9 @@ def pvt_large_detr(num_classes: int | None = 91, pretrained_backbone: str | None
     return _detr("pvt_large", num_classes, pretrained_backbone, return_postprocessor, overrides)
 
 
-def detector(checkpoint: str, device: str = "auto", batch_size: int = 4):
+def detector(checkpoint: str, device: str = "auto", batch_size: int = 4, compile: bool = False):
     """A trained detector from a pvt-detr training checkpoint (`main.py`'s `checkpoint.pth`): a
     `pvt_detr.inference.Detector`, whose `predict(images)` returns boxes, scores and category names."""
     from pvt_detr.inference import Detector
 
-    return Detector.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    return Detector.from_checkpoint(checkpoint, device=device, batch_size=batch_size, compile=compile)

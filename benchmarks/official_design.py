@@ -1,4 +1,5 @@
-"""The OFFICIAL PVT v1 + DETR design, re-implemented plainly from the papers' formulas, as a speed/memory baseline.
+"""The OFFICIAL PVT v1 + DETR design, re-implemented plainly from the papers' formulas: the benchmark's baseline
+and the tests' independent reference.
 
 What makes it "official" is the computation, not the code: PVT v1 (Wang et al., ICCV 2021) with stride-P
 `nn.Conv2d` patch embedding and spatial reduction, explicit softmax attention that materialises every
@@ -6,11 +7,12 @@ What makes it "official" is the computation, not the code: PVT v1 (Wang et al., 
 `input_proj`, a sequence-first transformer on `nn.MultiheadAttention` (called as DETR does, with its default
 `need_weights=True` and the padding mask always passed), and a matcher that builds the full batched cost
 matrix (B*Q, T_all) before splitting it per image. Parameter names follow the official checkpoints
-(`patch_embed1.proj`, `block1.0.attn.sr`, `pos_embed4` with a cls entry ...), so
-`pvt_detr.load_pvt_checkpoint(ours.backbone, official.backbone.state_dict())` gives our model the same weights
-and `tests/test_benchmark.py` checks that both designs then compute the same outputs.
+(`patch_embed1.proj`, `block1.0.attn.sr`, `pos_embed4` with a cls entry ...) and facebookresearch/detr's, so
+`pvt_detr.load_pvt_checkpoint(ours.backbone, official.backbone.state_dict())` and
+`pvt_detr.load_detr_checkpoint` give our model the same weights, and the tests check that both designs then compute
+the same outputs, detections, losses and gradients.
 
-Build with `build_official(args)`, the counterpart of `pvt_detr.build_model(args)`.
+Build with `build_official(config)`, the counterpart of `pvt_detr.build_model(config)`.
 """
 
 from __future__ import annotations
@@ -181,27 +183,36 @@ def sine_position_embedding(mask: torch.Tensor, num_pos_feats: int = 128, temper
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm: src = LN(src + MHA(src + pos, src + pos, src)); src = LN(src + FFN(src)). Sequence-first."""
+    """Post-norm: src = LN(src + MHA(src + pos, src + pos, src)); src = LN(src + FFN(src)); or pre-norm (the norms
+    on the branch inputs). Sequence-first."""
 
-    def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float):
+    def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float, pre_norm: bool = False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d, nhead, dropout=dropout)
         self.linear1, self.linear2 = nn.Linear(d, dim_ff), nn.Linear(dim_ff, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout, self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.pre_norm = pre_norm
 
     def forward(self, src, mask, pos):
         """src, pos: (N, B, C); mask: (B, N) -> (N, B, C)."""
+        if self.pre_norm:
+            x = self.norm1(src)
+            q = k = x + pos
+            src = src + self.dropout1(self.self_attn(q, k, value=x, key_padding_mask=mask)[0])
+            x = self.norm2(src)
+            return src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
         q = k = src + pos
         src = self.norm1(src + self.dropout1(self.self_attn(q, k, value=src, key_padding_mask=mask)[0]))
         return self.norm2(src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(src))))))
 
 
 class DecoderLayer(nn.Module):
-    """Post-norm: self-attention over queries, cross-attention to memory + pos, FFN. Sequence-first."""
+    """Self-attention over queries, cross-attention to memory + pos, FFN; post-norm or pre-norm. Sequence-first."""
 
-    def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float):
+    def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float, pre_norm: bool = False):
         super().__init__()
+        self.pre_norm = pre_norm
         self.self_attn = nn.MultiheadAttention(d, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d, nhead, dropout=dropout)
         self.linear1, self.linear2 = nn.Linear(d, dim_ff), nn.Linear(dim_ff, d)
@@ -211,6 +222,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, tgt, memory, mask, pos, query_pos):
         """tgt, query_pos: (Q, B, C); memory, pos: (N, B, C); mask (B, N) -> (Q, B, C)."""
+        if self.pre_norm:
+            x = self.norm1(tgt)
+            q = k = x + query_pos
+            tgt = tgt + self.dropout1(self.self_attn(q, k, value=x)[0])
+            x = self.norm2(tgt)
+            tgt2 = self.multihead_attn(query=x + query_pos, key=memory + pos, value=memory, key_padding_mask=mask)[0]
+            tgt = tgt + self.dropout2(tgt2)
+            x = self.norm3(tgt)
+            return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, value=tgt)[0]))
         tgt2 = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory, key_padding_mask=mask)[0]
@@ -222,13 +242,15 @@ class OfficialTransformer(nn.Module):
     """DETR's encoder-decoder, sequence-first; returns every decoder layer's normed output (L, B, Q, C)."""
 
     def __init__(self, d: int = 256, nhead: int = 8, enc: int = 6, dec: int = 6, dim_ff: int = 2048,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, pre_norm: bool = False):
         super().__init__()
         self.d_model = d
-        # Containers named as in DETR's checkpoints: encoder.layers.*, decoder.layers.*, decoder.norm.
+        # Containers named as in DETR's checkpoints: encoder.layers.*, encoder.norm (pre-norm), decoder.layers.*,
+        # decoder.norm.
         self.encoder, self.decoder = nn.Module(), nn.Module()
-        self.encoder.layers = nn.ModuleList(EncoderLayer(d, nhead, dim_ff, dropout) for _ in range(enc))
-        self.decoder.layers = nn.ModuleList(DecoderLayer(d, nhead, dim_ff, dropout) for _ in range(dec))
+        self.encoder.layers = nn.ModuleList(EncoderLayer(d, nhead, dim_ff, dropout, pre_norm) for _ in range(enc))
+        self.encoder.norm = nn.LayerNorm(d) if pre_norm else None
+        self.decoder.layers = nn.ModuleList(DecoderLayer(d, nhead, dim_ff, dropout, pre_norm) for _ in range(dec))
         self.decoder.norm = nn.LayerNorm(d)
         for p in self.parameters():
             if p.dim() > 1:
@@ -244,6 +266,8 @@ class OfficialTransformer(nn.Module):
         memory = src
         for layer in self.encoder.layers:
             memory = layer(memory, mask, pos)
+        if self.encoder.norm is not None:
+            memory = self.encoder.norm(memory)
         tgt = torch.zeros_like(query_pos)
         intermediate = []
         for layer in self.decoder.layers:
@@ -272,8 +296,9 @@ class OfficialDETR(nn.Module):
         """Same inputs and outputs as `pvt_detr.DETR.forward`."""
         if isinstance(samples, (list, tuple)):
             samples = nested_tensor_from_tensor_list(samples)
-        elif isinstance(samples, torch.Tensor):
-            samples = nested_tensor_from_tensor_list(list(samples))
+        elif isinstance(samples, torch.Tensor):  # a batch of one size: nothing padded
+            samples = NestedTensor(samples, torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool,
+                                                        device=samples.device))
         x = self.backbone(samples.tensors)[-1]  # (B, 512, H/32, W/32)
         mask = F.interpolate(samples.mask[None].float(), size=x.shape[-2:])[0].to(torch.bool)  # (B, h, w)
         pos = sine_position_embedding(mask, self.transformer.d_model // 2).to(x.dtype)  # (B, d, h, w)
@@ -358,21 +383,38 @@ class OfficialCriterion(nn.Module):
         return losses
 
 
-def build_official(args) -> tuple[OfficialDETR, OfficialCriterion]:
-    """(model, criterion) of the official design from the same flags as `pvt_detr.build_model` (PVT v1 sizes)."""
-    depths = {"pvt_tiny": (2, 2, 2, 2), "pvt_small": (3, 4, 6, 3), "pvt_medium": (3, 4, 18, 3),
-              "pvt_large": (3, 8, 27, 3)}
-    if args.backbone not in depths or list(args.backbone_stages) != [4]:
-        raise ValueError("the official design exists for pvt_tiny/small/medium/large with backbone stage 4 only")
-    num_classes = args.num_classes if args.num_classes is not None else 91
-    backbone = OfficialPVT(depths=depths[args.backbone], drop_path_rate=args.drop_path)
-    transformer = OfficialTransformer(args.hidden_dim, args.nheads, args.enc_layers, args.dec_layers,
-                                      args.dim_feedforward, args.dropout)
-    model = OfficialDETR(backbone, transformer, num_classes, args.num_queries, aux_loss=args.aux_loss)
-    weight_dict = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    if args.aux_loss:
+@torch.no_grad()
+def official_postprocess(outputs: dict, target_sizes: torch.Tensor) -> list[dict]:
+    """DETR's PostProcess: softmax, best non-background class per query, boxes in absolute xyxy of (h, w) sizes."""
+    prob = F.softmax(outputs["pred_logits"], -1)  # (B, Q, K+1)
+    scores, labels = prob[..., :-1].max(-1)  # (B, Q)
+    boxes = box_convert(outputs["pred_boxes"], "cxcywh", "xyxy")  # (B, Q, 4)
+    img_h, img_w = target_sizes.unbind(1)
+    boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
+    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+
+def build_official(config) -> tuple[OfficialDETR, OfficialCriterion]:
+    """(model, criterion) of the official design from a `pvt_detr.ModelConfig` (or flags it reads): the registered
+    PVT v1 sizes, backbone stage 4 only, plain DETR (no opt-in aids)."""
+    from pvt_detr import ModelConfig, build_backbone
+
+    cfg = ModelConfig.from_any(config)
+    if list(cfg.backbone_stages) != [4] or cfg.anchor_queries or cfg.focal_loss or any(cfg.local_layers):
+        raise ValueError("the official design exists for PVT v1 + plain DETR on backbone stage 4 only")
+    ours = build_backbone(cfg.backbone)  # the variant's sizes, read off our registry
+    heads = [blocks[0].attn.num_heads for blocks in ours.blocks]
+    mlp_ratios = [blocks[0].mlp.fc1.out_features / dim for blocks, dim in zip(ours.blocks, ours.embed_dims)]
+    num_classes = cfg.num_classes if cfg.num_classes is not None else 91
+    backbone = OfficialPVT(depths=ours.depths, embed_dims=ours.embed_dims, num_heads=heads, mlp_ratios=mlp_ratios,
+                           sr_ratios=cfg.sr_ratios, drop_path_rate=cfg.drop_path)
+    transformer = OfficialTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
+                                      cfg.dim_feedforward, cfg.dropout, cfg.pre_norm)
+    model = OfficialDETR(backbone, transformer, num_classes, cfg.num_queries, aux_loss=cfg.aux_loss)
+    weight_dict = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
+    if cfg.aux_loss:
         base = dict(weight_dict)
-        for i in range(args.dec_layers - 1):
+        for i in range(cfg.dec_layers - 1):
             weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
-    matcher = OfficialMatcher(args.set_cost_class, args.set_cost_bbox, args.set_cost_giou)
-    return model, OfficialCriterion(num_classes, matcher, weight_dict, eos_coef=args.eos_coef)
+    matcher = OfficialMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou)
+    return model, OfficialCriterion(num_classes, matcher, weight_dict, eos_coef=cfg.eos_coef)

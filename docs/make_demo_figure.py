@@ -2,14 +2,13 @@
 
     python docs/make_demo_figure.py --checkpoint outputs/demo/checkpoint.pth --images data/demo/val2017
 
-Images are upscaled (`--scale`) before drawing so that captions stay readable, laid out in a grid and saved
-as a 256-colour PNG (small enough for the repository).
+Images are enlarged (`--scale`, nearest neighbour) before drawing so that captions stay readable, laid out in a
+grid and saved as a 256-colour PNG (small enough for the repository).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,7 +19,8 @@ if str(ROOT) not in sys.path:
 from PIL import Image  # noqa: E402
 
 from pvt_detr.inference import Detector, load_image  # noqa: E402
-from pvt_detr.predict import IMAGE_SUFFIXES, draw  # noqa: E402
+from pvt_detr.predict import IMAGE_SUFFIXES  # noqa: E402
+from pvt_detr.visualize import draw_on_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> Path:
     detections = detector.predict(files, score_threshold=args.threshold)
     for path, det in zip(files, detections):
         image = load_image(path)
-        image = image.resize((image.width * args.scale, image.height * args.scale), Image.BICUBIC)
-        tiles.append(draw(image, dataclasses.replace(det, boxes=det.boxes * args.scale), detector.categories))
+        tiles.append(draw_on_image(image, det.boxes, det.labels, det.scores, detector.categories,
+                                   min_side=max(image.size) * args.scale))
     gap = 4
     width, height = max(t.width for t in tiles), max(t.height for t in tiles)
     rows = -(-len(tiles) // args.columns)

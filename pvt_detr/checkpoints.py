@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from pvt_detr.backbone.patch_linear import conv_weight_to_linear
+from pvt_detr.backbone.patch_embed import conv_weight_to_linear
 from pvt_detr.backbone.pvt import resize_pos_embed
 
 

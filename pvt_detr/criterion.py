@@ -1,25 +1,29 @@
 """DETR's set-prediction loss (facebookresearch/detr `SetCriterion`): CE + L1 + GIoU over Hungarian matches.
 
-The number of target boxes used for normalisation is passed in by the caller (all-reduced across processes by
-the training engine), so this module never touches torch.distributed.
+The global batch's normalisers (the number of target boxes, and the class-weight sum of the cross-entropy) are
+passed in by the caller (all-reduced across processes by the training engine), so this module never touches
+torch.distributed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from pvt_detr.matcher import HungarianMatcher
+from pvt_detr.matcher import HungarianMatcher, build_matcher
 
 
-def box_count(targets: list[dict], num_boxes: float | None) -> float:
-    """The box-loss normaliser: `num_boxes` (the global batch's target count) or this batch's, at least 1."""
+def box_count(targets: list[dict], num_boxes: float | torch.Tensor | None) -> float | torch.Tensor:
+    """The box-loss normaliser: `num_boxes` (the global batch's target count per process, a number or a 0-dim
+    tensor) or this batch's, at least 1."""
     if num_boxes is None:
         num_boxes = float(sum(len(t["labels"]) for t in targets))
+    if isinstance(num_boxes, torch.Tensor):
+        return num_boxes.clamp(min=1.0)
     return max(float(num_boxes), 1.0)
 
 
@@ -46,10 +50,13 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
-        # Set by a distributed training engine: averages a tensor over processes. The class-weighted CE is then
-        # normalised by the mean weight sum over processes rather than this process's own, so that N processes
-        # (gradients averaged by DDP) compute exactly the one-process loss of the global batch. Training only.
-        self.process_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def ce_weight_sum(self, targets: list[dict], num_queries: int) -> float:
+        """The class-weight sum that normalises this batch's cross-entropy over `num_queries` queries per image:
+        matched queries weigh 1, the others (no object) `eos_coef`. A training engine averages it over processes
+        and passes it back as `ce_weight_sum`, so that N processes compute the one-process loss of their batches."""
+        matched = sum(min(num_queries, len(t["labels"])) for t in targets)
+        return matched + (len(targets) * num_queries - matched) * self.eos_coef
 
     @staticmethod
     def _src_permutation_idx(indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,34 +65,38 @@ class SetCriterion(nn.Module):
         src_idx = torch.cat([src for src, _ in indices]).to(device)
         return batch_idx, src_idx
 
-    def _weighted_ce(self, logits: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of (B, Q, K+1) logits, weighted by `empty_weight`, divided by the weight sum."""
+    def _weighted_ce(self, logits: torch.Tensor, target_classes: torch.Tensor,
+                     weight_sum: float | torch.Tensor | None) -> torch.Tensor:
+        """Cross-entropy of (B, Q, K+1) logits, weighted by `empty_weight`, divided by `weight_sum` (default: this
+        batch's sum of the weights, as F.cross_entropy's mean)."""
         per_query = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight,
                                     reduction="none")  # (B, Q), already multiplied by the class weights
-        weight_sum = self.empty_weight[target_classes].sum().detach()
-        if self.process_mean is not None and self.training:
-            weight_sum = self.process_mean(weight_sum)
-        return per_query.sum() / weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
+        if weight_sum is None:
+            weight_sum = self.empty_weight[target_classes].sum().detach()
+        if isinstance(weight_sum, torch.Tensor):
+            return per_query.sum() / weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
+        return per_query.sum() / max(float(weight_sum), torch.finfo(torch.float32).tiny)
 
     def _class_loss(self, logits: torch.Tensor, batch_idx: torch.Tensor, src_idx: torch.Tensor,
-                    target_classes_o: torch.Tensor, num_boxes: float) -> torch.Tensor:
+                    target_classes_o: torch.Tensor, num_boxes: float | torch.Tensor,
+                    ce_weight_sum: float | torch.Tensor | None) -> torch.Tensor:
         """Class loss of (B, Q, K+1) logits given the matched (image, query) pairs and their classes."""
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = target_classes_o  # (B, Q)
-        return self._weighted_ce(logits, target_classes)
+        return self._weighted_ce(logits, target_classes, ce_weight_sum)
 
     def _num_predicted(self, logits: torch.Tensor) -> torch.Tensor:
         """(B,) queries per image predicting an object (argmax is not the no-object class)."""
         return (logits.argmax(-1) != self.num_classes).sum(1).float()
 
-    def loss_labels(self, outputs: dict, targets: list[dict], indices, num_boxes: float,
-                    log: bool = True) -> dict[str, torch.Tensor]:
+    def loss_labels(self, outputs: dict, targets: list[dict], indices, num_boxes: float | torch.Tensor,
+                    log: bool = True, ce_weight_sum: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`loss_ce`; with log, `class_error`: % of matched queries whose argmax is not their target's class
         (100 when nothing is matched, as in DETR)."""
         logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) for sigmoid heads
         batch_idx, src_idx = self._src_permutation_idx(indices, logits.device)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])  # (M,)
-        losses = {"loss_ce": self._class_loss(logits, batch_idx, src_idx, target_classes_o, num_boxes)}
+        losses = {"loss_ce": self._class_loss(logits, batch_idx, src_idx, target_classes_o, num_boxes, ce_weight_sum)}
         if log:
             with torch.no_grad():
                 correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes_o).float()  # (M,)
@@ -117,28 +128,30 @@ class SetCriterion(nn.Module):
         groups = {"labels": self.loss_labels, "boxes": self.loss_boxes, "cardinality": self.loss_cardinality}
         return groups[loss](outputs, targets, indices, num_boxes, **kwargs)
 
-    def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float, log: bool,
-                groups: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def _losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float | torch.Tensor, log: bool,
+                groups: Sequence[str] | None = None,
+                ce_weight_sum: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The loss groups (default `self.losses`) of one set of predictions, given its matching."""
         losses: dict[str, torch.Tensor] = {}
         for name in self.losses if groups is None else groups:
-            kwargs = {"log": log} if name == "labels" else {}
+            kwargs = {"log": log, "ce_weight_sum": ce_weight_sum} if name == "labels" else {}
             losses.update(self.get_loss(name, outputs, targets, indices, num_boxes, **kwargs))
         return losses
 
-    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
-        """outputs: DETR outputs; targets: [{labels (T,), boxes (T, 4) cxcywh normalised}].
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | torch.Tensor | None = None,
+                ce_weight_sum: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """outputs: DETR outputs; targets: [{labels (T,) class indices, boxes (T, 4) cxcywh normalised}].
 
-        num_boxes: number of target boxes in the global batch (all processes); default: this batch's. Clamped >= 1.
+        num_boxes: target boxes per process in the global batch (all processes); default: this batch's. Clamped >= 1.
+        ce_weight_sum: the cross-entropy's class-weight sum of the decoder queries per process in the global batch
+        (see `ce_weight_sum()`); default: this batch's.
         """
         num_boxes = box_count(targets, num_boxes)
-        for t in targets:
-            if len(t["labels"]) and not 0 <= int(t["labels"].min()) <= int(t["labels"].max()) < self.num_classes:
-                raise ValueError(f"target labels {t['labels'].tolist()} outside [0, num_classes={self.num_classes}); "
-                                 "num_classes must be the max category id + 1")
-        losses = self._losses(outputs, targets, self.matcher(outputs, targets), num_boxes, log=True)
+        losses = self._losses(outputs, targets, self.matcher(outputs, targets), num_boxes, log=True,
+                              ce_weight_sum=ce_weight_sum)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._losses(aux, targets, self.matcher(aux, targets), num_boxes, log=False)
+            aux_losses = self._losses(aux, targets, self.matcher(aux, targets), num_boxes, log=False,
+                                      ce_weight_sum=ce_weight_sum)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         return losses
 
@@ -166,8 +179,13 @@ class SigmoidFocalSetCriterion(SetCriterion):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
+    def ce_weight_sum(self, targets: list[dict], num_queries: int) -> float:
+        """0: the focal loss is normalised by the box count alone."""
+        return 0.0
+
     def _class_loss(self, logits: torch.Tensor, batch_idx: torch.Tensor, src_idx: torch.Tensor,
-                    target_classes_o: torch.Tensor, num_boxes: float) -> torch.Tensor:
+                    target_classes_o: torch.Tensor, num_boxes: float | torch.Tensor,
+                    ce_weight_sum: float | torch.Tensor | None) -> torch.Tensor:
         """Sigmoid focal loss of (B, Q, K) logits against one-hot matched classes, summed, / num_boxes."""
         logits = logits.float()
         onehot = torch.zeros_like(logits)  # (B, Q, K)
@@ -180,75 +198,10 @@ class SigmoidFocalSetCriterion(SetCriterion):
         return (logits.max(-1).values > 0).sum(1).float()
 
 
-class GroupSetCriterion(nn.Module):
-    """Opt-in (`--num_groups G`): Group DETR's loss. Training outputs hold G groups of `num_queries` queries; each
-    group is matched one-to-one and scored by `criterion` on its own; the losses are averaged over groups.
-    Outputs with `num_queries` queries (evaluation) go to `criterion` unchanged."""
-
-    def __init__(self, criterion: SetCriterion, num_queries: int, num_groups: int):
-        super().__init__()
-        self.criterion = criterion
-        self.num_queries = num_queries
-        self.num_groups = num_groups
-        self.weight_dict = criterion.weight_dict
-        self.num_classes = criterion.num_classes
-
-    @staticmethod
-    def _slice(outputs: dict, part: slice) -> dict:
-        out = {k: outputs[k][:, part] for k in ("pred_logits", "pred_boxes")}
-        if "aux_outputs" in outputs:
-            out["aux_outputs"] = [{k: aux[k][:, part] for k in ("pred_logits", "pred_boxes")}
-                                  for aux in outputs["aux_outputs"]]
-        return out
-
-    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
-        num_q = outputs["pred_logits"].shape[1]
-        if num_q == self.num_queries:
-            return self.criterion(outputs, targets, num_boxes)
-        if num_q != self.num_queries * self.num_groups:
-            raise ValueError(f"expected {self.num_queries} or {self.num_queries * self.num_groups} queries, "
-                             f"got {num_q}")
-        total: dict[str, torch.Tensor] = {}
-        for g in range(self.num_groups):
-            part = slice(g * self.num_queries, (g + 1) * self.num_queries)
-            for k, v in self.criterion(self._slice(outputs, part), targets, num_boxes).items():
-                total[k] = total[k] + v if k in total else v
-        return {k: v / self.num_groups for k, v in total.items()}
-
-
 def _extra_query_losses(base: SetCriterion) -> list[str]:
-    """`base`'s loss groups without "cardinality", for the denoising and encoder-token predictions: their query
-    counts (fixed noised copies, one per token) say nothing about how many objects the detector finds."""
+    """`base`'s loss groups without "cardinality", for the encoder-token predictions: one per token, their count
+    says nothing about how many objects the detector finds."""
     return [name for name in base.losses if name != "cardinality"]
-
-
-class DenoisingCriterion(nn.Module):
-    """Opt-in (`--dn_groups K`): adds DN-DETR's reconstruction losses of the denoising queries (`dn_outputs`, with
-    their fixed (query, target) `indices`) to `criterion`'s losses, as `<loss>_dn` (and `<loss>_dn_<i>` per aux
-    layer), scored by `base` (the set criterion's loss terms) and divided by K * num_boxes."""
-
-    def __init__(self, criterion: nn.Module, base: SetCriterion, dn_groups: int):
-        super().__init__()
-        self.criterion = criterion
-        self.base = base
-        self.dn_groups = dn_groups
-        self.weight_dict = criterion.weight_dict
-        self.num_classes = criterion.num_classes
-
-    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
-        losses = self.criterion(outputs, targets, num_boxes)
-        dn = outputs.get("dn_outputs")
-        if dn is None:
-            return losses
-        num_boxes = box_count(targets, num_boxes) * self.dn_groups
-        indices = dn["indices"]
-        groups = _extra_query_losses(self.base)
-        dn_losses = self.base._losses(dn, targets, indices, num_boxes, log=False, groups=groups)
-        losses.update({f"{k}_dn": v for k, v in dn_losses.items()})
-        for i, aux in enumerate(dn.get("aux_outputs", [])):
-            aux_losses = self.base._losses(aux, targets, indices, num_boxes, log=False, groups=groups)
-            losses.update({f"{k}_dn_{i}": v for k, v in aux_losses.items()})
-        return losses
 
 
 class TwoStageCriterion(nn.Module):
@@ -264,8 +217,14 @@ class TwoStageCriterion(nn.Module):
         self.weight_dict = criterion.weight_dict
         self.num_classes = criterion.num_classes
 
-    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
-        losses = self.criterion(outputs, targets, num_boxes)
+    def ce_weight_sum(self, targets: list[dict], num_queries: int) -> float:
+        return self.criterion.ce_weight_sum(targets, num_queries)
+
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | torch.Tensor | None = None,
+                ce_weight_sum: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """SetCriterion's losses of the decoder outputs, plus `<loss>_enc` of `enc_outputs` (the encoder tokens,
+        whose cross-entropy is normalised by this batch's own weight sum)."""
+        losses = self.criterion(outputs, targets, num_boxes, ce_weight_sum)
         enc = outputs.get("enc_outputs")
         if enc is None:
             return losses
@@ -279,32 +238,20 @@ class TwoStageCriterion(nn.Module):
         return losses
 
 
-def build_criterion(args, num_classes: int) -> SetCriterion:
-    from pvt_detr.matcher import build_matcher
-
-    weight_dict = {"loss_ce": getattr(args, "cls_loss_coef", 1.0), "loss_bbox": args.bbox_loss_coef,
-                   "loss_giou": args.giou_loss_coef}
+def build_criterion(config, num_classes: int) -> nn.Module:
+    """DETR's SetCriterion (or the focal variant, with the two-stage encoder loss when asked) from a ModelConfig."""
+    weight_dict = {"loss_ce": config.cls_loss_coef, "loss_bbox": config.bbox_loss_coef,
+                   "loss_giou": config.giou_loss_coef}
     base_weights = dict(weight_dict)
-    if args.aux_loss:
-        base = dict(weight_dict)
-        for i in range(args.dec_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
-    if getattr(args, "focal_loss", False):
-        criterion = SigmoidFocalSetCriterion(num_classes, build_matcher(args), weight_dict,
-                                             focal_alpha=getattr(args, "focal_alpha", 0.25))
+    if config.aux_loss:
+        for i in range(config.dec_layers - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
+    matcher = build_matcher(config)
+    if config.focal_loss:
+        criterion = SigmoidFocalSetCriterion(num_classes, matcher, weight_dict, focal_alpha=config.focal_alpha)
     else:
-        criterion = SetCriterion(num_classes, build_matcher(args), weight_dict, eos_coef=args.eos_coef)
-    base = criterion
-    num_groups = getattr(args, "num_groups", 1)
-    if num_groups > 1:
-        criterion = GroupSetCriterion(criterion, args.num_queries, num_groups)
-    dn_groups = getattr(args, "dn_groups", 0)
-    if dn_groups > 0:
-        for k, v in list(weight_dict.items()):
-            head, _, layer = k.rpartition("_")
-            weight_dict[f"{head}_dn_{layer}" if layer.isdigit() else f"{k}_dn"] = v  # loss_ce_0 -> loss_ce_dn_0
-        criterion = DenoisingCriterion(criterion, base, dn_groups)
-    if getattr(args, "two_stage", False):
+        criterion = SetCriterion(num_classes, matcher, weight_dict, eos_coef=config.eos_coef)
+    if config.two_stage:
         weight_dict.update({f"{k}_enc": v for k, v in base_weights.items()})
-        criterion = TwoStageCriterion(criterion, base, repeat=getattr(args, "two_stage_repeat", 1))
+        criterion = TwoStageCriterion(criterion, criterion, repeat=config.two_stage_repeat)
     return criterion

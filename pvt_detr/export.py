@@ -16,14 +16,16 @@ The model's metadata holds `categories` (JSON {id: name}), `test_size`, `max_siz
 
 Exporters: `dynamo` (default, `torch.onnx.export(dynamo=True)` with `torch.export` dynamic shapes; H and W are
 declared as 32 * h, 32 * w) or `torchscript` (the legacy tracer with dynamic axes, faster to run, deprecated by
-PyTorch). Both record the model's tensor path (`pvt_detr.nested_tensor.is_exporting`), which equals the eager
-path. The check runs PyTorch and onnxruntime on a batch of two images whose sizes differ from the export example.
+PyTorch). The model has one forward path of tensor operations (padding masks included), so one graph serves every
+batch composition. The check runs PyTorch and onnxruntime on a batch of two images whose sizes differ from the
+export example. A detector on a GPU is exported from a CPU copy of its model; the detector itself stays on its GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import sys
@@ -65,6 +67,13 @@ class ExportableDETR(nn.Module):
         return outputs["pred_logits"], outputs["pred_boxes"]
 
 
+def cpu_model(detector: Detector) -> nn.Module:
+    """The detector's model on the CPU: itself, or a CPU copy for a GPU detector (which keeps working on its GPU)."""
+    if next(detector.model.parameters()).device.type == "cpu":
+        return detector.model
+    return copy.deepcopy(detector.model).cpu()
+
+
 def example_batch(detector: Detector, sizes: list[tuple[int, int]], seed: int = 0) -> NestedTensor:
     """Random images of the given original (h, w) sizes, through the detector's evaluation preprocessing."""
     generator = np.random.default_rng(seed)
@@ -95,7 +104,7 @@ def export_onnx(detector: Detector, path: str | Path, exporter: str = "dynamo", 
     """
     import onnx
 
-    model = ExportableDETR(detector.model).cpu().eval()
+    model = ExportableDETR(cpu_model(detector)).eval()
     if example is None:
         s = detector.test_size
         example = example_batch(detector, [(3 * s // 4, s), (s, s // 2)])
@@ -147,7 +156,7 @@ def onnx_session(path: str | Path):
 @torch.no_grad()
 def compare_with_pytorch(detector: Detector, session, batch: NestedTensor) -> dict[str, float]:
     """Max |onnxruntime - PyTorch| of pred_logits and pred_boxes on one padded batch (PyTorch on CPU, float32)."""
-    model = ExportableDETR(detector.model).cpu().eval()
+    model = ExportableDETR(cpu_model(detector)).eval()
     expected = model(batch.tensors.cpu(), batch.mask.cpu())
     got = session.run(OUTPUT_NAMES, {"images": batch.tensors.cpu().numpy(), "mask": batch.mask.cpu().numpy()})
     diffs = {}

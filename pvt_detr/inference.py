@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from pvt_detr.checkpoints import CheckpointError, load_detr_checkpoint, load_state_file
+from pvt_detr.config import ModelConfig, stored_config
 from pvt_detr.detr import build_model
 from pvt_detr.image_io import ImageReadError, read_image, to_rgb  # noqa: F401  (ImageReadError: part of this API)
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
@@ -115,16 +115,23 @@ class Detector:
     """A trained PVT-DETR with its evaluation preprocessing, post-processing and category names.
 
     model: a DETR (eval mode); postprocessor: its `build_model` post-processor; test_size / max_size: the
-    evaluation resize; categories: {category id: name}.
+    evaluation resize (default: `ModelConfig`'s); categories: {category id: name}; compile: run the model through
+    `torch.compile` (with freezing on the CPU: weights become constants of the compiled graph), which compiles on
+    the first batch of each new shape.
     """
 
-    def __init__(self, model: nn.Module, postprocessor: nn.Module, *, test_size: int, max_size: int,
-                 categories: dict[int, str] | None = None, device: str | torch.device = "cpu", batch_size: int = 4,
-                 config: dict | None = None):
+    def __init__(self, model: nn.Module, postprocessor: nn.Module, *, test_size: int = ModelConfig.test_size,
+                 max_size: int = ModelConfig.max_size, categories: dict[int, str] | None = None,
+                 device: str | torch.device = "cpu", batch_size: int = 4, config: dict | None = None,
+                 compile: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model = model.eval().to(self.device)
+        self.compiled = compile
+        self._forward = self.model
+        if compile:
+            self._forward = torch.compile(self.model, options={"freezing": self.device.type == "cpu"})
         self.postprocessor = postprocessor
         self.test_size, self.max_size = test_size, max_size
         self.transform = build_eval_transform(test_size, max_size)
@@ -133,28 +140,34 @@ class Detector:
         self.config = dict(config or {})
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 4) -> Detector:
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 4,
+                        compile: bool = False) -> Detector:
         """Loads a pvt-detr training checkpoint (`main.py` output: model, config, categories) with weights_only.
 
-        Raises CheckpointError (one line) for a missing, unreadable or non-pvt-detr file or weights that do not fit.
+        Raises CheckpointError (one line) for a missing, unreadable or non-pvt-detr file, a stored configuration
+        that is incomplete or invalid, or weights that do not fit.
         """
         state = load_state_file(path)
-        config = state.get("config") if isinstance(state, dict) else None
-        if not isinstance(config, dict) or "model" not in state:
+        if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{path}: not a pvt-detr training checkpoint (needs 'model' and 'config', as "
                                   "main.py writes)")
         try:
-            model, _, postprocessors = build_model(SimpleNamespace(**config))
-        except (AttributeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: cannot rebuild the model from its config: {err}") from None
+            config = stored_config(state, str(path))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        model, _, postprocessors = build_model(config)
         report = load_detr_checkpoint(model, state["model"])
         if report.missing or report.skipped or report.unused:
             raise CheckpointError(f"{path}: weights do not fit the model of its config: "
                                   f"{str(report).replace(chr(10), '; ')}")
         model.aux_loss = False  # inference needs the last decoder layer only
-        categories = {int(k): str(v) for k, v in (state.get("categories") or {}).items()}
-        return cls(model, postprocessors["bbox"], test_size=config["test_size"], max_size=config["max_size"],
-                   categories=categories, device=device, batch_size=batch_size, config=config)
+        categories = state.get("categories") or {}
+        if not isinstance(categories, dict):
+            raise CheckpointError(f"{path}: its 'categories' is a {type(categories).__name__}, expected id -> name")
+        categories = {int(k): str(v) for k, v in categories.items()}
+        return cls(model, postprocessors["bbox"], test_size=config.test_size, max_size=config.max_size,
+                   categories=categories, device=device, batch_size=batch_size, config=state["config"],
+                   compile=compile)
 
     def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image (see `as_pil`) -> (evaluation tensor (3, h, w) normalised, original (H, W))."""
@@ -166,7 +179,7 @@ class Detector:
                         score_threshold: float = 0.5) -> list[Detections]:
         """Preprocessed images (3, h_i, w_i) (one batch) and their original (H_i, W_i) -> Detections per image."""
         samples = nested_tensor_from_tensor_list(list(tensors), size_divisibility=32).to(self.device)
-        outputs = self.model(samples)
+        outputs = self._forward(samples)
         outputs = {k: v.float() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
         target_sizes = torch.tensor(list(sizes), dtype=torch.int64, device=self.device)  # (B, 2) [h, w]
         results = []

@@ -9,6 +9,10 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 
+class NonFinitePredictionError(FloatingPointError):
+    """Predictions with NaN or inf values reached the matcher (e.g. diverged weights); the message is one line."""
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising cost_class * (-p[class]) + cost_bbox * L1 + cost_giou * (-GIoU)."""
 
@@ -42,7 +46,7 @@ class HungarianMatcher(nn.Module):
                                                      box_convert(tgt_boxes, "cxcywh", "xyxy"))
         cost = cost.view(B, Q, -1).cpu().numpy()  # (B, Q, T_all); numpy: no more tiny (threaded) torch ops
         if not np.isfinite(cost).all():
-            raise FloatingPointError("non-finite matching cost: the predicted boxes contain NaN or inf")
+            raise NonFinitePredictionError("predictions (NaN or inf in the predicted classes or boxes)")
 
         indices, start = [], 0
         for i, n in enumerate(sizes):  # image i: its queries against its own targets, (Q, T_i)
@@ -52,5 +56,6 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
-def build_matcher(args) -> HungarianMatcher:
-    return HungarianMatcher(args.set_cost_class, args.set_cost_bbox, args.set_cost_giou)
+def build_matcher(config) -> HungarianMatcher:
+    """The matcher of a ModelConfig (its set_cost_* fields)."""
+    return HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou)

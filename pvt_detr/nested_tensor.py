@@ -52,17 +52,6 @@ def valid_sizes(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack((valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)), dim=1)  # (B, 2)
 
 
-def is_exporting() -> bool:
-    """True while a graph of the model is recorded: `torch.compile`, `torch.export` / `torch.onnx.export`,
-    `torch.jit.trace`.
-
-    Model code then skips its data-dependent shortcuts (`if bool(mask.any())` ...) and its hand-fused eager CPU
-    kernels (chunked MLP, in-place residuals) and takes the general tensor path, which gives the same values:
-    one recorded graph serves every padding pattern, and the compiler sees plain ops it can fuse itself.
-    """
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
 def nested_tensor_from_tensor_list(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> NestedTensor:
     """Pads (C, H_i, W_i) images at the bottom/right to a common size that is a multiple of `size_divisibility`."""
     if len(images) == 0:

@@ -19,13 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
 from pvt_detr.checkpoints import CheckpointError
 from pvt_detr.inference import Detector, ImageReadError, load_image
-from pvt_detr.visualize import draw_detections
+from pvt_detr.visualize import draw_on_image
 
 IMAGE_SUFFIXES = {s.lower() for s in Image.registered_extensions()}  # .jpg, .png, .bmp, .webp, .tif, ...
 
@@ -77,11 +75,8 @@ def unique_png_names(paths: list[Path]) -> list[str]:
 
 
 def draw(image: Image.Image, detections, categories: dict[int, str]) -> Image.Image:
-    """RGB PIL image + Detections -> PIL image with labelled boxes."""
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-    width = max(2, round(max(image.size) / 400))
-    drawn = draw_detections(pixels, detections.boxes, detections.labels, detections.scores, categories, width=width)
-    return Image.fromarray(drawn.permute(1, 2, 0).numpy())  # (H, W, 3)
+    """RGB PIL image + Detections -> PIL image with labelled boxes (small images enlarged to be readable)."""
+    return draw_on_image(image, detections.boxes, detections.labels, detections.scores, categories)
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -3,11 +3,6 @@
 Re-implemented from facebookresearch/detr `models/transformer.py` with the same parameter names (so DETR
 checkpoints load): post-norm by default (`normalize_before=True` gives pre-norm), ReLU FFN, learned query
 positions added at every decoder layer, decoder outputs of every layer passed through the final LayerNorm.
-
-On the CPU without autograd (evaluation, inference) post-norm layers add their residuals in place: the attention
-output projection accumulates into the residual (no bias-broadcast copy, no separate add) and the FFN runs as
-`mlp_add_` (ReLU in place on a reused buffer). Same function either way. In training the dropouts draw their
-masks with `pvt_detr.dropout` (cheaper on the CPU than `bernoulli_`).
 """
 
 from __future__ import annotations
@@ -17,16 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_detr.attention import MultiheadAttention
-from pvt_detr.backbone.mlp import can_fuse_inference, mlp_add_
-from pvt_detr.dropout import Dropout
-from pvt_detr.matmul import Linear, linear_add
-
-
-def _residual_proj(residual: torch.Tensor, heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    """residual + proj(heads) as one new tensor, without the bias-broadcast copy of a Linear: (B, N, C) x 2."""
-    C = residual.shape[-1]
-    out = linear_add(heads.reshape(-1, C), proj.weight, proj.bias, residual.reshape(-1, C))  # (B*N, C)
-    return out.view(residual.shape)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -35,29 +20,20 @@ class TransformerEncoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = Linear(d_model, dim_feedforward)
-        self.dropout = Dropout(dropout)
-        self.linear2 = Linear(dim_feedforward, d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
-    def _fused(self, x: torch.Tensor) -> bool:
-        return not (self.normalize_before or self.training) and can_fuse_inference(
-            x, self.self_attn.out_proj, self.linear1, self.linear2)
-
     def forward(self, src: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """src, pos: (B, N, C); key_padding_mask: (B, N) True on padding -> (B, N, C)."""
-        if self._fused(src):
-            q = src + pos
-            src = self.norm1(_residual_proj(src, self.self_attn.attend(q, q, src, key_padding_mask),
-                                            self.self_attn.out_proj))  # (B, N, C), a new tensor: ours to update
-            return self.norm2(mlp_add_(src, src, self.linear1, self.linear2, "relu"))
         if self.normalize_before:
             x = self.norm1(src)
             q = x + pos
@@ -75,15 +51,15 @@ class TransformerDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = Linear(d_model, dim_feedforward)
-        self.dropout = Dropout(dropout)
-        self.linear2 = Linear(dim_feedforward, d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
-        self.dropout3 = Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,12 +77,6 @@ class TransformerDecoderLayer(nn.Module):
             tgt = tgt + self.dropout2(self.multihead_attn(x + query_pos, memory_key, memory, mask))
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         q = tgt + query_pos
-        if not self.training and can_fuse_inference(tgt, self.self_attn.out_proj, self.multihead_attn.out_proj,
-                                                    self.linear1, self.linear2):
-            tgt = self.norm1(_residual_proj(tgt, self.self_attn.attend(q, q, tgt), self.self_attn.out_proj))
-            heads = self.multihead_attn.attend(tgt + query_pos, memory_key, memory, mask)  # (B, Q, C)
-            tgt = self.norm2(_residual_proj(tgt, heads, self.multihead_attn.out_proj))  # a new tensor: ours
-            return self.norm3(mlp_add_(tgt, tgt, self.linear1, self.linear2, "relu"))
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
         tgt2 = self.multihead_attn(tgt + query_pos, memory_key, memory, mask)
         tgt = self.norm2(tgt + self.dropout2(tgt2))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe",
@@ -25,3 +29,17 @@ def draw_detections(image: torch.Tensor, boxes_xyxy: torch.Tensor, labels: torch
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
     return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width)
+
+
+def draw_on_image(image: Image.Image, boxes_xyxy: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+                  names: dict[int, str] | None = None, min_side: int = 512) -> Image.Image:
+    """RGB PIL image + detections in its pixels -> a new PIL image with labelled boxes. Images whose long side is
+    under `min_side` are first enlarged by a whole factor (nearest neighbour, so pixels stay visible) and the boxes
+    with them, so that boxes and captions can be read on small images."""
+    scale = max(1, math.ceil(min_side / max(image.size)))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    width = max(2, round(max(image.size) / 400))
+    drawn = draw_detections(pixels, boxes_xyxy * scale, labels, scores, names, width=width)
+    return Image.fromarray(drawn.permute(1, 2, 0).numpy())  # (H, W, 3)

@@ -49,31 +49,22 @@ def test_num_boxes_normalises_box_losses():
     assert l4["loss_ce"].item() == pytest.approx(l1["loss_ce"].item())
 
 
-def test_process_mean_makes_the_mean_of_per_process_ce_losses_the_global_batch_loss():
-    """Two "processes" holding one image each: with `process_mean` giving the mean of their weight sums (what the
-    distributed engine all-reduces), the mean of their CE losses (what DDP's gradient averaging optimises) is the
-    one-process CE of both images; with each process's own weight sum (DETR's) it is not."""
+def test_the_global_class_weight_sum_makes_the_mean_of_per_process_ce_losses_the_global_batch_loss():
+    """Two "processes" holding one image each: given the mean of their class-weight sums (what the distributed engine
+    all-reduces and passes as `ce_weight_sum`), the mean of their CE losses (what DDP's gradient averaging optimises)
+    is the one-process CE of both images; with each process's own weight sum (DETR's default) it is not."""
     outputs, targets = _two_image_example()
     full = SetCriterion(2, HungarianMatcher(), {}, eos_coef=0.1)(outputs, targets)["loss_ce"].item()
     halves = [({k: v[i:i + 1] for k, v in outputs.items()}, targets[i:i + 1]) for i in range(2)]
-    weight_sums = [1.1, 0.2]  # image 0: a match (1.0) + a no-object (0.1); image 1: two no-objects
-    per_process, own = [], []
-    for out, tgt in halves:
-        criterion = SetCriterion(2, HungarianMatcher(), {}, eos_coef=0.1)
-        own.append(criterion(out, tgt)["loss_ce"].item())
-        criterion.process_mean = lambda w: torch.tensor(sum(weight_sums) / 2)
-        per_process.append(criterion(out, tgt)["loss_ce"].item())
-        criterion.eval()  # evaluation losses stay per process (no collective outside training)
-        assert criterion(out, tgt)["loss_ce"].item() == pytest.approx(own[-1], rel=1e-6)
+    criterion = SetCriterion(2, HungarianMatcher(), {}, eos_coef=0.1)
+    queries = outputs["pred_logits"].shape[1]
+    weight_sums = [criterion.ce_weight_sum(tgt, queries) for _, tgt in halves]
+    assert weight_sums == pytest.approx([1.1, 0.2])  # image 0: a match (1.0) + a no-object (0.1); image 1: two
+    assert criterion.ce_weight_sum(targets, queries) == pytest.approx(1.3)
+    own = [criterion(out, tgt)["loss_ce"].item() for out, tgt in halves]
+    per_process = [criterion(out, tgt, ce_weight_sum=sum(weight_sums) / 2)["loss_ce"].item() for out, tgt in halves]
     assert sum(per_process) / 2 == pytest.approx(full, rel=1e-6)
-    assert abs(sum(own) / 2 - full) > 0.1
-
-
-def test_label_out_of_range_is_a_clear_error():
-    outputs, targets = _two_image_example()
-    targets[0]["labels"] = torch.tensor([5])
-    with pytest.raises(ValueError, match="num_classes"):
-        SetCriterion(2, HungarianMatcher(), {})(outputs, targets)
+    assert sum(own) / 2 != pytest.approx(full, rel=1e-3)
 
 
 def test_postprocess_scales_to_absolute_xyxy():

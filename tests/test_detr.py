@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import main
-from pvt_detr import build_model, list_backbones, load_detr_checkpoint, load_pvt_checkpoint
+from pvt_detr import ModelConfig, build_model, list_backbones, load_detr_checkpoint, load_pvt_checkpoint
 from pvt_detr.attention import MultiheadAttention
 from pvt_detr.backbone.registry import build_backbone
 from pvt_detr.checkpoints import CheckpointError
@@ -230,10 +230,18 @@ class _Unsafe:
 
 
 def test_invalid_config_values_are_clear_errors():
-    with pytest.raises(ValueError, match="backbone_stages"):
-        small_model("--backbone_stages", "5")
-    with pytest.raises(ValueError, match="nheads"):
-        small_model("--nheads", "3")
+    with pytest.raises(ValueError, match=r"^--backbone_stages must be <= 4, got 5$"):
+        ModelConfig(backbone_stages=(5,))
+    with pytest.raises(ValueError, match=r"^--hidden_dim 256 must be even and divisible by --nheads 3$"):
+        ModelConfig(nheads=3)
+    with pytest.raises(ValueError, match=r"^--dropout: expected a number, got 'x'$"):
+        ModelConfig.from_any({"dropout": "x"})
+    with pytest.raises(ValueError, match=r"^--num_queries: expected an integer, got 2.5$"):
+        ModelConfig.from_any({"num_queries": 2.5})
+    with pytest.raises(ValueError, match=r"^--eos_coef must be a finite number, got nan$"):
+        ModelConfig(eos_coef=float("nan"))
+    with pytest.raises(SystemExit):
+        main.get_args_parser().parse_args(["--backbone_stages", "5"])
 
 
 def test_sr_ratios_flag_sets_each_stage_and_rejects_bad_values():
@@ -246,9 +254,9 @@ def test_sr_ratios_flag_sets_each_stage_and_rejects_bad_values():
     with torch.no_grad():
         out = model.eval()(torch.rand(1, 3, 64, 64))
     assert torch.isfinite(out["pred_boxes"]).all()
-    for bad in ("2,1", "0,1,1,1"):
-        with pytest.raises(ValueError, match="sr_ratios"):
-            small_model("--sr_ratios", bad)
+    for bad in ((2, 1), (0, 1, 1, 1)):
+        with pytest.raises(ValueError, match="--sr_ratios"):
+            ModelConfig(sr_ratios=bad)
 
 
 @pytest.mark.parametrize("err,reason", [
@@ -313,5 +321,5 @@ def test_detr_checkpoint_with_learned_positions_loads_them(tmp_path):
     torch.testing.assert_close(target.position_embedding.row_embed.weight, source.position_embedding.row_embed.weight)
     args = main.get_args_parser().parse_args(SMALL)
     args.position_embedding = "cosine"
-    with pytest.raises(ValueError, match="--position_embedding must be one of"):
+    with pytest.raises(ValueError, match="--position_embedding 'cosine' is not one of"):
         build_model(args)

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from tests.pvt_reference import RefPVT
+from benchmarks.official_design import OfficialPVT
+from tests.conftest import perturb_
 from tests.tiny_detector import ROOT, tiny_checkpoint
 
 sys.path.insert(0, str(ROOT))  # hubconf and main, as torch.hub imports them
@@ -57,7 +58,8 @@ def test_hub_model_is_main_pys_model_with_the_overrides():
 def test_hub_model_loads_an_official_pvt_checkpoint(tmp_path):
     from pvt_detr import build_backbone, load_pvt_checkpoint
 
-    official = RefPVT(depths=(2, 2, 2, 2)).state_dict()  # pvt_tiny's depths, official key names and conv weights
+    # pvt_tiny's depths, official key names and conv weights
+    official = perturb_(OfficialPVT(depths=(2, 2, 2, 2))).state_dict()
     path = tmp_path / "pvt_tiny.pth"
     torch.save(official, path)
     model = _load("pvt_tiny_detr", pretrained_backbone=str(path), **SMALL)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import main
-from pvt_detr import build_backbone, build_model, load_pvt_checkpoint
+from pvt_detr import ModelConfig, build_backbone, build_model, load_pvt_checkpoint
 from pvt_detr.backbone.local_attention import NeighbourhoodAttention
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
 
@@ -95,15 +95,17 @@ def test_default_is_pvt_v1_and_bad_local_layers_are_refused():
     assert not [k for k in build_backbone("pvt_small").state_dict() if k.startswith("local.")]
     with pytest.raises(ValueError, match="local_layers must be >= 0"):
         build_backbone("pvt_nano", local_layers=(1, -1, 0, 0))
-    args = main.get_args_parser().parse_args(["--backbone", "pvt_nano", "--local_layers", "1,1"])
-    with pytest.raises(ValueError, match="--local_layers must be 4 counts"):
-        build_model(args)
+    with pytest.raises(ValueError, match=r"--local_layers needs 4 values \(one per stage\), got 2"):
+        build_model(ModelConfig.from_any({"backbone": "pvt_nano", "local_layers": [1, 1]}))
+    with pytest.raises(SystemExit):
+        main.get_args_parser().parse_args(["--backbone", "pvt_nano", "--local_layers", "1,1"])
 
 
 def test_official_checkpoint_fills_a_pvt_with_local_layers_and_reports_them_missing():
-    from tests.pvt_reference import RefPVT
+    from benchmarks.official_design import OfficialPVT
+    from tests.conftest import perturb_
 
-    ref = RefPVT(depths=(2, 2, 2, 2))
+    ref = perturb_(OfficialPVT(depths=(2, 2, 2, 2)))
     model = build_backbone("pvt_tiny", local_layers=(1, 0, 0, 0))
     local_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("local.")}
     report = load_pvt_checkpoint(model, ref.state_dict())

@@ -16,7 +16,7 @@ TINY = ["--dataset_file", "demo", "--demo_train_images", "12", "--demo_val_image
         "--backbone", "pvt_nano", "--backbone_stages", "3", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1",
         "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "6", "--train_sizes", "64", "--max_size", "96",
         "--test_size", "64", "--batch_size", "4", "--num_workers", "0", "--lr_drop", "1", "--seed", "3",
-        "--lr", "5e-4", "--no_progress"]
+        "--lr", "5e-4", "--no_progress", "--device", "cpu"]
 
 
 def run_main(*args, check=True, timeout=300):
@@ -95,33 +95,37 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(trained, tmp_pat
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
-    cases = [(["--backbone", "resnet50"], "invalid choice"),
+    cases = [(["--backbone", "resnet50"], "argument --backbone: invalid choice: 'resnet50'"),
              (["--dataset_file", "coco", "--coco_path", tmp_path / "nope"], "no such folder"),
              (["--resume", tmp_path / "missing.pth"], "no such file"),
              (["--config", tmp_path / "missing.yaml"], "no such file"),
              (["--finetune", "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"], "a URL; pvt-detr never"),
-             (["--train_sizes", "64,abc"], "comma-separated integers"),
+             (["--train_sizes", "64,abc"], "argument --train_sizes: expected an integer, got 'abc'"),
              (["--position_embedding", "learned", "--max_size", "1700"], "covers at most 50 x 50 feature cells"),
-             (["--batch_size", "0"], "--batch_size must be positive"),
-             (["--sr_ratios", "8,4,2"], "--sr_ratios must be 4 ratios >= 1"),
-             (["--local_layers", "1,1,-1,0"], "--local_layers must be 4 counts >= 0"),
-             (["--anchor_queries", "--anchor_size", "1.5"], "--anchor_size must be in (0, 1)"),
-             (["--dropout", "1"], "--dropout and --drop_path must be in [0, 1)"),
+             (["--batch_size", "0"], "argument --batch_size: must be >= 1, got 0"),
+             (["--sr_ratios", "8,4,2"], "argument --sr_ratios: needs 4 values (one per stage), got 3: 8,4,2"),
+             (["--local_layers", "1,1,-1,0"], "argument --local_layers: must be >= 0, got -1"),
+             (["--anchor_queries", "--anchor_size", "1.5"], "argument --anchor_size: must be < 1, got 1.5"),
+             (["--dropout", "1"], "argument --dropout: must be < 1, got 1.0"),
+             (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+             (["--weight_decay", "nan"], "argument --weight_decay: must be a finite number, got nan"),
+             (["--clip_max_norm", "nan"], "argument --clip_max_norm: must be a finite number, got nan"),
+             (["--lr_drop", "-1"], "argument --lr_drop: must be >= 1, got -1"),
+             (["--num_classes", "1000000000"], "argument --num_classes: must be <= 10000, got 1000000000"),
              (["--two_stage"], "--two_stage needs --anchor_queries"),
-             (["--dn_groups", "2"], "--dn_groups needs --anchor_queries"),
-             (["--config", ROOT / "configs" / "demo.yaml", "--num_groups", "2"],
-              "--two_stage does not support --num_groups > 1, got 2"),
              (["--config", ROOT / "configs" / "demo.yaml", "--no_anchor_queries"],
               "--two_stage needs --anchor_queries"),
              (["--two_stage", "--no_two_stage"], "not allowed with argument"),
+             (["--eval", "--resume", "auto", "--finetune", ROOT / "README.md"], "give one of them"),
              (["--start_epoch", "5", "--epochs", "3"], "--start_epoch 5 leaves nothing to train with --epochs 3")]
     # Two through a real main.py process (an argparse error and a value check); the rest through the same parser
     # in this process, which is what main.py runs before anything else (a new process costs seconds of imports).
     for args, message in cases[:1] + cases[-1:]:
         proc = run_main(*args, check=False, timeout=60)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [f"error: {message}"] or \
+            message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "usage" not in proc.stderr, proc.stderr
     sys.path.insert(0, str(ROOT))
     import main
     from training.config import parse_args
@@ -131,9 +135,21 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(main.build_cli_parser(), [*TINY, *map(str, args)])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2, (args, err)
-        assert message in err.strip().splitlines()[-1], (args, err)
-        assert "Traceback" not in err
+        assert exit_info.value.code == 1, (args, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), (args, err)
+        assert message in err, (args, err)
+
+
+def test_help_prints_the_usage_and_every_flag(capsys):
+    sys.path.insert(0, str(ROOT))
+    import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main.build_cli_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: python main.py")
+    for flag in ("--lr LR", "--backbone", "--sr_ratios", "--no_aux_loss", "--progress", "--no_tf32", "--compile"):
+        assert flag in out, flag
 
 
 def test_an_output_dir_that_cannot_be_written_is_a_one_line_error_before_training(tmp_path):
@@ -155,7 +171,7 @@ def test_config_file_sets_defaults_and_cli_wins(tmp_path):
     cfg.write_text("lr: 3.0e-4\ntrain_sizes: [96, 128]\nbackbone: pvt_tiny\npre_norm: true\n")
     parser = main.get_args_parser()
     args = parse_args(parser, ["--config", str(cfg), "--dataset_file", "demo", "--lr", "1e-3"])
-    assert args.lr == 1e-3 and args.train_sizes == [96, 128] and args.backbone == "pvt_tiny" and args.pre_norm
+    assert args.lr == 1e-3 and args.train_sizes == (96, 128) and args.backbone == "pvt_tiny" and args.pre_norm
     # every on/off flag can be undone on the command line, whatever the file says
     cfg.write_text("pre_norm: true\naux_loss: false\nanchor_queries: true\ntwo_stage: true\nfocal_loss: true\n"
                    "amp: true\nno_progress: true\n")
@@ -177,14 +193,18 @@ def test_config_file_sets_defaults_and_cli_wins(tmp_path):
     (b"lr: [1, 2\n", "not valid YAML"),
     (b"learning_rate: 1\n", "unknown keys learning_rate"),
     (b"- lr\n- 1\n", "expected a mapping of flag names to values"),
-    (b"lr: fast\n", "lr: could not convert string to float: 'fast'"),
-    (b"lr: true\n", "lr: expected a float value, got true"),
-    (b"epochs: 2.5\n", "epochs: invalid literal for int()"),
+    (b"lr: fast\n", "lr: expected a number, got 'fast'"),
+    (b"lr: true\n", "lr: expected a number, got True"),
+    (b"lr: .nan\n", "lr must be a finite number, got nan"),
+    (b"lr_drop: -1\n", "lr_drop must be >= 1, got -1"),
+    (b"epochs: 2.5\n", "epochs: expected an integer, got 2.5"),
     (b"epochs:\n", "epochs: needs a value (its default is 50)"),
-    (b"train_sizes: abc\n", "train_sizes: expected comma-separated integers"),
-    (b"backbone: pvt_huge\n", "backbone='pvt_huge' is not one of"),
+    (b"train_sizes: abc\n", "train_sizes: expected an integer, got 'abc'"),
+    (b"backbone: pvt_huge\n", "backbone 'pvt_huge' is not one of"),
     (b"pre_norm: maybe\n", "pre_norm: expected true or false, got 'maybe'"),
     (b"\xff\xfe\x00lr: 1\n", "not a readable UTF-8 text file"),
+    (b"a: &x [1, 2]\nb: *x\n", "YAML anchors and aliases (&, *) are not accepted"),
+    (b"lr: " + b"1" * (1 << 20) + b"\n", "larger than 1024 KiB"),
 ])
 def test_bad_config_files_are_one_line_errors_naming_the_file(tmp_path, capsys, text, message):
     sys.path.insert(0, str(ROOT))
@@ -196,7 +216,7 @@ def test_bad_config_files_are_one_line_errors_naming_the_file(tmp_path, capsys, 
     with pytest.raises(SystemExit) as exit_info:
         parse_args(main.get_args_parser(), ["--config", str(cfg), "--dataset_file", "demo"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and f"--config {cfg}: {message}" in last, last
+    assert exit_info.value.code == 1 and f"--config {cfg}: {message}" in last, last
 
 
 @pytest.mark.slow
@@ -205,7 +225,7 @@ def test_amp_on_cpu_trains_in_bfloat16_close_to_float32(trained, tmp_path):
     close to, but not bit-equal with, the float32 one (the fixture's run, same data and seed)."""
     data, fp32_out, _ = trained
     proc = run_main("--coco_path", data, "--output_dir", tmp_path / "amp", "--epochs", "1", "--amp")
-    assert "--amp on CPU uses bfloat16 autocast" in proc.stdout
+    assert "mixed precision: bfloat16 autocast on cpu" in proc.stdout
     amp = json.loads((tmp_path / "amp" / "log.txt").read_text().splitlines()[0])
     fp32 = json.loads((fp32_out / "log.txt").read_text().splitlines()[0])
     assert math.isfinite(amp["train_loss"]) and len(amp["test_coco_eval_bbox"]) == 12

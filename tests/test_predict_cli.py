@@ -66,12 +66,14 @@ def test_writes_coco_results_and_annotated_pngs(run):
     for path in images:
         png = out / f"{path.stem}.png"
         drawn = np.asarray(Image.open(png).convert("RGB")).astype(int)  # (H, W, 3)
-        original = np.asarray(load_image(path)).astype(int)
-        assert drawn.shape == original.shape, png
+        image = load_image(path)
+        scale = -(-512 // max(image.size))  # small images are drawn enlarged by a whole factor, to be readable
+        assert scale > 1 and drawn.shape == (image.height * scale, image.width * scale, 3), png
+        original = np.asarray(image.resize((image.width * scale, image.height * scale), Image.NEAREST)).astype(int)
         changed = np.abs(drawn - original).sum(-1) > 0  # (H, W)
         h, w = changed.shape
         for row in (r for r in rows if r["file_name"] == str(path)):
-            x, y, bw, bh = row["bbox"]
+            x, y, bw, bh = (v * scale for v in row["bbox"])
             left, top = min(max(round(x), 0), w - 1), min(max(round(y), 0), h - 1)
             right, bottom = min(max(round(x + bw), 0), w - 1), min(max(round(y + bh), 0), h - 1)
             # Each box outline is drawn: its corners (clamped to the image, as draw_detections does) changed.

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from benchmarks.official_design import OfficialPVT
 from pvt_detr import build_backbone, list_backbones, load_pvt_checkpoint, register_backbone
-from pvt_detr.backbone.patch_linear import PatchLinear, conv_weight_to_linear, linear_weight_to_conv
+from pvt_detr.backbone.patch_embed import PatchLinear, conv_weight_to_linear, linear_weight_to_conv
 from pvt_detr.checkpoints import CheckpointError
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
-from tests.pvt_reference import RefPVT
+from tests.conftest import perturb_
 
 PAPER_PARAMS_M = {"pvt_tiny": 13.2, "pvt_small": 24.5, "pvt_medium": 44.2, "pvt_large": 61.4}
 PAPER_DEPTHS = {"pvt_tiny": (2, 2, 2, 2), "pvt_small": (3, 4, 6, 3), "pvt_medium": (3, 4, 18, 3),
@@ -85,7 +86,7 @@ def test_patch_linear_slices_only_when_rows_or_columns_are_left_over():
 @pytest.mark.parametrize("hw", [(224, 224), (448, 448), (333, 517)])
 def test_matches_official_formula_reference(hw):
     torch.manual_seed(1)
-    ref = RefPVT(depths=(2, 2, 2, 2)).eval()
+    ref = perturb_(OfficialPVT(depths=(2, 2, 2, 2))).eval()
     ours = build_backbone("pvt_tiny", drop_path_rate=0.0).eval()
     report = load_pvt_checkpoint(ours, ref.state_dict())
     assert sorted(report.unused) == ["cls_token", "head.bias", "head.weight", "norm.bias", "norm.weight"]
@@ -100,7 +101,7 @@ def test_matches_official_formula_reference(hw):
 
 
 def test_checkpoint_file_round_trip_and_errors(tmp_path):
-    ref = RefPVT(depths=(2, 2, 2, 2))
+    ref = perturb_(OfficialPVT(depths=(2, 2, 2, 2)))
     path = tmp_path / "pvt_tiny.pth"
     torch.save(ref.state_dict(), path)
     ours = build_backbone("pvt_tiny")
@@ -112,7 +113,8 @@ def test_checkpoint_file_round_trip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         load_pvt_checkpoint(deeper_model, path)  # pvt_tiny has fewer blocks
     assert all(torch.equal(v, untouched[k]) for k, v in deeper_model.state_dict().items())  # nothing was loaded
-    deeper = RefPVT(depths=(3, 4, 6, 3)).state_dict()  # pvt_small's checkpoint into pvt_tiny: an error, not a part
+    # pvt_small's checkpoint into pvt_tiny: an error, not a partial load
+    deeper = perturb_(OfficialPVT(depths=(3, 4, 6, 3))).state_dict()
     target = build_backbone("pvt_tiny")
     before = {k: v.clone() for k, v in target.state_dict().items()}
     expected = r"no place in this backbone, e\.g\. blocks\.0\.2\..*depths are \[2, 2, 2, 2\]"
@@ -131,7 +133,7 @@ def test_checkpoint_trained_at_another_image_size_gets_its_positional_embeddings
     """A PVT trained at 384 x 384 stores 96/48/24/12 grids: they are resized on load, as the reference does at run
     time, so at 224 x 224 both compute the same features."""
     torch.manual_seed(2)
-    ref = RefPVT(depths=(2, 2, 2, 2)).eval()
+    ref = perturb_(OfficialPVT(depths=(2, 2, 2, 2))).eval()
     ref.grids = (96, 48, 24, 12)
     for i, g in enumerate(ref.grids):
         extra = 1 if i == 3 else 0
@@ -150,7 +152,7 @@ def test_checkpoint_trained_at_another_image_size_gets_its_positional_embeddings
 
 
 def test_classifier_loads_everything_and_runs():
-    ref = RefPVT(depths=(2, 2, 2, 2))
+    ref = perturb_(OfficialPVT(depths=(2, 2, 2, 2)))
     clf = build_backbone("pvt_tiny", num_classes=1000).eval()
     report = load_pvt_checkpoint(clf, ref.state_dict())
     assert not report.unused and not report.missing

@@ -111,8 +111,11 @@ class NaNLossAt(nn.Module):
         self.criterion, self.calls, self.n = criterion, calls, 0
         self.weight_dict = criterion.weight_dict
 
-    def forward(self, outputs, targets, num_boxes=None):
-        losses = self.criterion(outputs, targets, num_boxes=num_boxes)
+    def ce_weight_sum(self, targets, num_queries):
+        return self.criterion.ce_weight_sum(targets, num_queries)
+
+    def forward(self, outputs, targets, num_boxes=None, ce_weight_sum=None):
+        losses = self.criterion(outputs, targets, num_boxes=num_boxes, ce_weight_sum=ce_weight_sum)
         if self.n in self.calls:
             losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
         self.n += 1
@@ -182,14 +185,14 @@ def test_stop_request_calls_on_stop_with_the_epoch_sums_and_resuming_them_gives_
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer, scheduler = fresh_start()
     stops = []
-    part = train_one_epoch(model, criterion, loader, optimizer, scheduler, cpu, 0, should_stop=lambda: True,
+    part = train_one_epoch(model, criterion, loader, optimizer, scheduler, cpu, 0, stop_requested=lambda: True,
                            on_stop=lambda steps, totals: stops.append((steps, totals)))
     assert part == {} and len(stops) == 1 and stops[0][0] == 1
     steps, totals = stops[0]
     checks = []
     rest = train_one_epoch(model, criterion, loader[steps:], optimizer, scheduler, cpu, 0, start_step=steps,
-                           totals=totals, should_stop=lambda: checks.append(1) is None and False)
-    assert len(checks) == 1  # after step 1, not after the last step: the caller checkpoints the epoch end first
+                           totals=totals, stop_requested=lambda: checks.append(1) is None and False)
+    assert len(checks) == 1  # before step 2 only: a stop during the last step is left to the epoch's end
     assert rest["steps"] == 3 and rest["bad_images"] == 1 and rest["empty_steps"] == 0
     for key, value in weights.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
@@ -201,8 +204,8 @@ def test_stop_request_calls_on_stop_with_the_epoch_sums_and_resuming_them_gives_
 def test_nonfinite_loss_through_main_is_one_line_and_exit_1(demo_data, capsys, monkeypatch):
     original = SetCriterion.forward
 
-    def nan_forward(self, outputs, targets, num_boxes=None):
-        losses = original(self, outputs, targets, num_boxes=num_boxes)
+    def nan_forward(self, outputs, targets, num_boxes=None, ce_weight_sum=None):
+        losses = original(self, outputs, targets, num_boxes=num_boxes, ce_weight_sum=ce_weight_sum)
         return {k: v * float("nan") if k == "loss_giou" else v for k, v in losses.items()}
 
     monkeypatch.setattr(SetCriterion, "forward", nan_forward)
@@ -272,10 +275,10 @@ def _checkpoint(path: Path, *argv) -> None:
 def test_foreign_checkpoints_are_one_line_explanations(demo_data, tmp_path, capsys):
     path = tmp_path / "small.pth"
     _checkpoint(path)  # hidden_dim 32, 8 classes
-    cases = [(["--resume", path, "--hidden_dim", "64"], f"error: {path} was trained with a different model: "
-              "hidden_dim=32 there vs 64 here"),
-             (["--resume", path, "--num_classes", "12"], "num_classes=8 there vs 12 here"),
-             (["--finetune", path, "--hidden_dim", "64"], "in this model (a different architecture?)")]
+    cases = [(["--resume", path, "--hidden_dim", "64"], f"error: --hidden_dim 64 here but 32 in {path} (the "
+              "checkpoint's architecture): evaluate it with the flags it was trained with"),
+             (["--resume", path, "--num_classes", "12"], f"--num_classes 12 here but 8 in {path}"),
+             (["--finetune", path, "--hidden_dim", "64"], f"--hidden_dim 64 here but 32 in {path}")]
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:5000])
     cases.append((["--resume", truncated], f"error: {truncated}: not a readable checkpoint (truncated, corrupt"))
@@ -285,7 +288,8 @@ def test_foreign_checkpoints_are_one_line_explanations(demo_data, tmp_path, caps
         cases.append(([flag, text], f"error: {text}: not a readable checkpoint (truncated, corrupt or not a "
                                     "torch.save file?)"))
     for argv, message in cases:
-        code, _, err = _run_main_in_process(capsys, "--coco_path", demo_data, "--epochs", "1", "--eval", *argv)
+        evaluate = [] if "--pretrained_backbone" in argv else ["--eval"]  # --eval needs a --resume or --finetune
+        code, _, err = _run_main_in_process(capsys, "--coco_path", demo_data, "--epochs", "1", *evaluate, *argv)
         last = err.strip().splitlines()[-1]
         assert code == 1 and message in last and "Traceback" not in err, (argv, err[-2000:])
 

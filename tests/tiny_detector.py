@@ -14,7 +14,7 @@ TINY = ["--dataset_file", "demo", "--demo_train_images", "8", "--demo_val_images
         "--backbone", "pvt_nano", "--backbone_stages", "3", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1",
         "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "6", "--train_sizes", "64", "--max_size", "96",
         "--test_size", "64", "--batch_size", "4", "--num_workers", "0", "--lr_drop", "1", "--seed", "3",
-        "--lr", "5e-4", "--epochs", "1", "--no_progress"]
+        "--lr", "5e-4", "--epochs", "1", "--no_progress", "--device", "cpu"]
 
 
 def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Path]:

@@ -2,7 +2,7 @@
 
 A checkpoint holds only tensors and plain Python types (the config as a dict), so it loads with
 `torch.load(weights_only=True)`: model, optimizer, lr_scheduler, epoch, step (batches done in that epoch),
-config, and the RNG states of torch (CPU and CUDA), Python's `random` and NumPy.
+config, and per process the RNG states of torch (CPU, and the process's own GPU), Python's `random` and NumPy.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from pvt_detr.checkpoints import CheckpointError, load_state_file
+from pvt_detr.config import ModelConfig, stored_config
 
 
-def rng_state() -> dict:
-    """All RNG states as tensors and plain types."""
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states as tensors and plain types: torch's CPU generator, the generator of `device` if it
+    is a GPU (this process's own, not every visible one), Python's `random` and NumPy."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -28,20 +30,26 @@ def rng_state() -> dict:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restores what `rng_state` captured."""
+def set_rng_state(state: dict, device: torch.device) -> str | None:
+    """Restores what `rng_state` captured; the GPU generator only onto a GPU `device`. Returns a note when the saved
+    GPU state cannot apply (saved on the CPU, or by another version's all-GPU list), else None."""
     torch.set_rng_state(state["torch"])
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return None
+    saved = state.get("cuda")
+    if isinstance(saved, torch.Tensor):
+        torch.cuda.set_rng_state(saved, device)
+        return None
+    return "the checkpoint holds no GPU random state for this process: the GPU generator starts from the seed"
 
 
 def _to_plain(value):
@@ -116,11 +124,29 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def describe_mismatch(state: dict, args) -> str | None:
-    """A one-line explanation when a checkpoint's architecture or class count differs from the current config."""
-    cfg = state.get("config") or {}
-    keys = ("backbone", "hidden_dim", "enc_layers", "dec_layers", "num_queries", "num_classes", "backbone_stages",
-            "dim_feedforward", "nheads", "local_layers")
-    diffs = [f"{k}={cfg[k]!r} there vs {getattr(args, k)!r} here" for k in keys
-             if k in cfg and getattr(args, k, None) is not None and cfg[k] != getattr(args, k)]
+def architecture_mismatch(state: dict, config: ModelConfig, path: str | Path,
+                          ignore: tuple[str, ...] = ()) -> str | None:
+    """One line naming every architecture field (`ModelConfig.architecture_fields()`, except `ignore`) whose value in
+    the checkpoint's stored configuration differs from `config`'s, with both values; None when they agree.
+    Raises CheckpointError when the stored configuration is missing, incomplete or of the wrong types."""
+    saved = stored_model_config(state, path)
+    diffs = []
+    for name in ModelConfig.architecture_fields():
+        here, there = getattr(config, name), getattr(saved, name)
+        if name not in ignore and here != there:
+            diffs.append(f"--{name} {_show(here)} here but {_show(there)} in {path}")
     return "; ".join(diffs) if diffs else None
+
+
+def stored_model_config(state: dict, path: str | Path) -> ModelConfig:
+    """The ModelConfig a pvt-detr checkpoint was trained with (CheckpointError, one line, if it cannot be read)."""
+    try:
+        return stored_config(state, str(path))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _show(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)

@@ -1,8 +1,10 @@
-"""Graceful stop on SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM sends before preemption or the time limit).
+"""Graceful stop on SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM sends before preemption or the time limit) and on
+SIGINT (Ctrl-C).
 
 The handler only records the signal; the engine checks `requested` at step boundaries, writes a checkpoint,
 then calls `finish()`: a handler installed before ours (submitit's requeue on USR2) runs next, otherwise the
-process exits with code 0.
+process exits with code 0 (130 after Ctrl-C, the shell's code for it). A second Ctrl-C does not wait for the
+step boundary: it raises KeyboardInterrupt.
 
 SLURM (at the time limit, on `scancel`), `timeout`, container runtimes and a terminal send the signal to every
 process of the job, data-loader workers included; workers therefore ignore these signals (`ignore_stop_signals`)
@@ -18,7 +20,7 @@ import sys
 class PreemptionHandler:
     """Records stop signals so training can checkpoint at the next step boundary."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self):
         self.requested: int | None = None
@@ -42,6 +44,8 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
         self.requested = signum
 
     @property
@@ -55,7 +59,7 @@ class PreemptionHandler:
         self.uninstall()
         if callable(prev) and prev not in (signal.default_int_handler,):
             prev(sig, None)
-        sys.exit(0)
+        sys.exit(130 if sig == signal.SIGINT else 0)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

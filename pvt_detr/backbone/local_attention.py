@@ -6,7 +6,7 @@ attends to its k x k neighbours with a learned relative-position bias per head. 
 full-width value, and a bias that points head h at neighbour h (the locality initialisation of ConViT, d'Ascoli et
 al. 2021; the construction of Cordonnier et al. 2020), the layer starts close to a k x k convolution. Queries and
 keys can still change the weights per token. In the demo's short training they stay close to the initial pattern
-(docs/demo_diagnosis.md).
+(docs/demo.md).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from pvt_detr.matmul import Linear
 
 
 class NeighbourhoodAttention(nn.Module):
@@ -37,9 +35,9 @@ class NeighbourhoodAttention(nn.Module):
         self.num_heads = num_heads or kernel_size * kernel_size
         self.qk_dim = qk_dim
         self.locality_strength = locality_strength
-        self.qk = Linear(dim, 2 * self.num_heads * qk_dim)
-        self.v = Linear(dim, dim)
-        self.proj = Linear(self.num_heads * dim, dim)
+        self.qk = nn.Linear(dim, 2 * self.num_heads * qk_dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(self.num_heads * dim, dim)
         self.rel_bias = nn.Parameter(torch.zeros(self.num_heads, kernel_size * kernel_size))
         self.reset_parameters()
 

@@ -22,11 +22,10 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from pvt_detr.backbone.local_attention import LocalMixing
-from pvt_detr.backbone.mlp import Mlp, can_fuse_inference, mlp_add_
-from pvt_detr.backbone.patch_linear import PatchLinear
+from pvt_detr.backbone.mlp import Mlp
+from pvt_detr.backbone.patch_embed import PatchEmbed
 from pvt_detr.backbone.sra import SpatialReductionAttention
-from pvt_detr.matmul import Linear, linear_add_
-from pvt_detr.nested_tensor import NestedTensor, is_exporting, valid_sizes
+from pvt_detr.nested_tensor import NestedTensor, valid_sizes
 
 
 def _bilinear_taps(out_len: torch.Tensor, size: int, in_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,44 +63,20 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + drop_path(SRA(norm1(x))), then x + drop_path(MLP(norm2(x)))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6):
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+                 grad_checkpointing: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop,
                                               proj_drop=drop)
         self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, grad_checkpointing=grad_checkpointing)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None = None,
-                inplace: bool = False) -> torch.Tensor:
-        """x: (B, N, C) -> (B, N, C). inplace: the caller owns x and allows adding the residuals into it, which is
-        done on the CPU without autograd (fewer passes over the tokens and no new tensors; same result)."""
-        if inplace and self._can_add_inplace(x):
-            C = x.shape[-1]
-            proj = self.attn.proj
-            heads = self.attn.attend(self.norm1(x), hw, kv_mask).reshape(-1, C)  # (B*N, C)
-            linear_add_(x.view(-1, C), heads, proj.weight, proj.bias)  # x += proj(heads)
-            return mlp_add_(x, self.norm2(x), self.mlp.fc1, self.mlp.fc2, "gelu")  # x += mlp(norm2(x))
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C) tokens of an H x W grid; kv_mask: (B, N_kv) bool, True = key may be attended -> (B, N, C)."""
         x = x + self.drop_path(self.attn(self.norm1(x), hw, kv_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _can_add_inplace(self, x: torch.Tensor) -> bool:
-        return (not self.training and x.is_contiguous()
-                and can_fuse_inference(x, self.attn.proj, self.mlp.fc1, self.mlp.fc2))
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping P x P patches -> linear -> LayerNorm (official: Conv2d(k=P, s=P) + LayerNorm)."""
-
-    def __init__(self, in_dim: int, out_dim: int, patch_size: int, norm_eps: float = 1e-5):
-        super().__init__()
-        self.proj = PatchLinear(in_dim, out_dim, patch_size)
-        self.norm = nn.LayerNorm(out_dim, eps=norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C_in) -> (B, H // P, W // P, C_out)."""
-        return self.norm(self.proj(x))
 
 
 class PyramidVisionTransformer(nn.Module):
@@ -112,7 +87,8 @@ class PyramidVisionTransformer(nn.Module):
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), patch_sizes: Sequence[int] = (4, 2, 2, 2),
                  in_chans: int = 3, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, pretrain_img_size: int = 224, num_classes: int = 0,
-                 out_indices: Sequence[int] = (0, 1, 2, 3), local_layers: Sequence[int] = (0, 0, 0, 0)):
+                 out_indices: Sequence[int] = (0, 1, 2, 3), local_layers: Sequence[int] = (0, 0, 0, 0),
+                 grad_checkpointing: bool = False):
         super().__init__()
         if not all(len(v) == 4 for v in (embed_dims, num_heads, mlp_ratios, depths, sr_ratios, patch_sizes,
                                          local_layers)):
@@ -144,15 +120,20 @@ class PyramidVisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             nn.ModuleList(
                 Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias=qkv_bias, drop=drop_rate,
-                      attn_drop=attn_drop_rate, drop_path=rates[starts[i] + j])
+                      attn_drop=attn_drop_rate, drop_path=rates[starts[i] + j], grad_checkpointing=grad_checkpointing)
                 for j in range(depths[i]))
             for i in range(4))
         if num_classes > 0:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
             self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dims[3]))
             self.norm = nn.LayerNorm(embed_dims[3], eps=1e-6)
-            self.head = Linear(embed_dims[3], num_classes)
+            self.head = nn.Linear(embed_dims[3], num_classes)
         self._init_weights()
+        if num_classes == 0:  # stages after the last returned one never run: kept for checkpoints, frozen
+            for i in range(max(self.out_indices) + 1, 4):
+                for part in (self.patch_embed[i], self.local[i], self.blocks[i]):
+                    part.requires_grad_(False)
+                self.pos_embed[i].requires_grad_(False)
 
     @property
     def num_channels(self) -> list[int]:
@@ -169,6 +150,12 @@ class PyramidVisionTransformer(nn.Module):
         """timm-style description of the returned maps."""
         return [{"num_chs": self.embed_dims[i], "reduction": self.strides[i], "module": f"blocks.{i}"}
                 for i in self.out_indices]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: the block MLPs recompute their hidden activations in backward (see `Mlp`)."""
+        for stage in self.blocks:
+            for blk in stage:
+                blk.mlp.grad_checkpointing = enable
 
     def _init_weights(self) -> None:
         for p in self.pos_embed:
@@ -221,11 +208,11 @@ class PyramidVisionTransformer(nn.Module):
         return out.view(B, H, W, C)
 
     def _add_pos_embed(self, stage: int, x: torch.Tensor, valid_hw: torch.Tensor | None) -> torch.Tensor:
-        """Adds the positional embedding to grid x (B, H, W, C), fitted to each image's valid extent."""
-        H, W = x.shape[1:3]
-        if valid_hw is None or (not is_exporting() and bool(((valid_hw[:, 0] == H) & (valid_hw[:, 1] == W)).all())):
-            return x + self._pos_embed(stage, (H, W))
-        return x + self._pos_embed_per_image(stage, valid_hw, (H, W)).to(x.dtype)
+        """Adds the positional embedding to grid x (B, H, W, C), fitted to each image's valid extent (valid_hw
+        (B, 2) [h, w] tokens), or to the whole grid when valid_hw is None."""
+        if valid_hw is None:
+            return x + self._pos_embed(stage, tuple(x.shape[1:3]))
+        return x + self._pos_embed_per_image(stage, valid_hw, tuple(x.shape[1:3])).to(x.dtype)
 
     def _stages(self, x: torch.Tensor, valid_hw: torch.Tensor | None = None):
         """Runs the four stages; yields (stage index, grid (B, H, W, C), valid (B, 2) [h, w] token counts or None).
@@ -251,7 +238,7 @@ class PyramidVisionTransformer(nn.Module):
                 tokens = torch.cat([cls, tokens], dim=1)  # (B, 1 + N, C)
             kv_mask = self._kv_mask(i, (H, W), valid_hw)
             for blk in self.blocks[i]:
-                tokens = blk(tokens, (H, W), kv_mask, inplace=True)  # tokens: a fresh tensor this loop owns
+                tokens = blk(tokens, (H, W), kv_mask)  # (B, N, C)
             if i == 3 and self.num_classes > 0:
                 yield i, tokens, valid_hw
                 return
@@ -259,15 +246,13 @@ class PyramidVisionTransformer(nn.Module):
             yield i, x, valid_hw
 
     def _kv_mask(self, stage: int, hw: tuple[int, int], valid_hw: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, N_kv) bool, True where a reduced key cell holds at least one real pixel; None when all do."""
+        """(B, N_kv) bool, True where a reduced key cell holds at least one real pixel; None without valid_hw."""
         if valid_hw is None:
             return None
         r = self.blocks[stage][0].attn.sr_ratio
         h, w = hw[0] // r, hw[1] // r
         valid = torch.div(valid_hw + r - 1, r, rounding_mode="floor")  # (B, 2)
-        if not is_exporting() and bool(((valid[:, 0] >= h) & (valid[:, 1] >= w)).all()):
-            return None
-        return _valid_grid(valid, (h, w)).flatten(1).to(self.pos_embed[0].device)  # (B, h * w)
+        return _valid_grid(valid, (h, w)).flatten(1)  # (B, h * w)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, 3, H, W) -> raw stage maps [(B, C_i, H / s_i, W / s_i) for i in out_indices], s = 4, 8, 16, 32."""
@@ -281,19 +266,13 @@ class PyramidVisionTransformer(nn.Module):
         Masks are True on tokens that hold no real pixel.
         """
         images, mask = samples.decompose()
-        valid_hw = None
-        if mask is not None and (is_exporting() or bool(mask.any())):
-            valid_hw = valid_sizes(mask)  # (B, 2) [h, w] unpadded pixels
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         out = []
-        for i, grid, vhw in self._stages(images, valid_hw):
-            if i not in self.out_indices:
-                continue
-            B, H, W, _ = grid.shape
-            if vhw is None:
-                stage_mask = torch.zeros(B, H, W, dtype=torch.bool, device=grid.device)
-            else:
-                stage_mask = (~_valid_grid(vhw, (H, W))).to(grid.device)  # (B, H, W)
-            out.append(NestedTensor(grid.permute(0, 3, 1, 2), stage_mask))  # (B, C_i, H_i, W_i)
+        for i, grid, valid_hw in self._stages(images, valid_sizes(mask)):  # valid_sizes: (B, 2) unpadded pixels
+            if i in self.out_indices:
+                stage_mask = ~_valid_grid(valid_hw, tuple(grid.shape[1:3]))  # (B, H_i, W_i)
+                out.append(NestedTensor(grid.permute(0, 3, 1, 2), stage_mask))  # (B, C_i, H_i, W_i)
         return out
 
     def forward(self, x: torch.Tensor | NestedTensor):

@@ -1,4 +1,4 @@
-"""Non-overlapping P x P patch merging as a linear map (PVT's patch embedding and SRA reduction, no convolution).
+"""PVT's patch embedding: non-overlapping P x P patches merged by a linear map (also SRA's reduction), no convolution.
 
 The official PVT computes these with `nn.Conv2d(C_in, C_out, kernel_size=P, stride=P)`. Over non-overlapping
 patches that convolution is exactly a Linear layer applied to each flattened patch; we flatten patches as
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
+from torch import nn
 
-from pvt_detr.matmul import Linear
 
-
-class PatchLinear(Linear):
+class PatchLinear(nn.Linear):
     """Maps every non-overlapping P x P patch of a channels-last grid to one `out_dim` vector.
 
     weight: (out_dim, P * P * in_dim), patches flattened as (p1, p2, c).
@@ -47,3 +46,16 @@ def linear_weight_to_conv(weight: torch.Tensor, in_dim: int, patch_size: int) ->
     """Inverse of `conv_weight_to_linear`: (O, P*P*I) -> (O, I, P, P)."""
     out_dim = weight.shape[0]
     return weight.reshape(out_dim, patch_size, patch_size, in_dim).permute(0, 3, 1, 2)  # (O, I, P, P)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping P x P patches -> linear -> LayerNorm (official: Conv2d(k=P, s=P) + LayerNorm)."""
+
+    def __init__(self, in_dim: int, out_dim: int, patch_size: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.proj = PatchLinear(in_dim, out_dim, patch_size)
+        self.norm = nn.LayerNorm(out_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C_in) -> (B, H // P, W // P, C_out)."""
+        return self.norm(self.proj(x))
