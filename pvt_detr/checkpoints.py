@@ -450,7 +450,8 @@ def _load_mmdet(model: nn.Module, sd: dict[str, torch.Tensor], meta: dict | None
     report_label_map, note = _mmdet_class_head(model, out, meta, what, label_map, keep_label_map, converted)
     report = _load_detr_state(model, out, what)
     report.unused = sorted(renamed.get(k, k) for k in report.unused) + sorted(unknown)
-    report.format = FORMATS[fmt] + (", PVT backbone" if pvt else ", backbone not loaded (not a PVT)")
+    other = ", backbone not loaded (not a PVT)" if any(k.startswith("backbone.") for k in sd) else ", no backbone"
+    report.format = FORMATS[fmt] + (", PVT backbone" if pvt else other)
     report.converted = {k: how for k, how in converted.items() if k in report.loaded}
     report.renamed = {k: renamed[k] for k in report.loaded if k in renamed and renamed[k] != k}
     report.notes = notes + ([note] if note else [])
