@@ -168,7 +168,9 @@ def test_mmdet_pvt_detr_container_loads_every_key_with_the_outputs_of_the_detr_l
 
     rows = COCO_IDS  # our row of each mmdet row: its COCO category id
     detr = small_model(seed=2)
-    detr_sd = dict(source.state_dict())
+    detr_sd = dict(source.state_dict())  # facebookresearch/detr's names (the PVT backbone under ours)
+    detr_sd["input_proj.weight"] = detr_sd.pop("input_proj.0.weight")[:, :, None, None]  # its 1x1 conv
+    detr_sd["input_proj.bias"] = detr_sd.pop("input_proj.0.bias")
     detr_sd["class_embed.weight"], detr_sd["class_embed.bias"] = detr_layout_head(fc_cls, rows, 91)
     detr_report = load_detr_checkpoint(detr, {"model": detr_sd})
     assert detr_report.format.startswith("facebookresearch/detr") and not detr_report.missing
