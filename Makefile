@@ -13,7 +13,7 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) main.py --config configs/demo.yaml
+	$(PY) main.py --config configs/demo.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -295,7 +295,7 @@ def load_pvt_checkpoint(backbone: nn.Module, path_or_state_dict) -> LoadReport:
 
 
 def load_detr_checkpoint(model: nn.Module, path_or_state_dict, *, label_map: LabelMap | None = None,
-                         keep_label_map: bool = False) -> LoadReport:
+                         keep_label_map: bool = False, what: str | None = None) -> LoadReport:
     """Loads a DETR checkpoint into a DETR model: facebookresearch/detr's (`{'model': ...}`), one of ours, or an
     MMDetection 2.x DETR / PVT-DETR file; the format is told from the keys and named in `report.format`.
 
@@ -315,9 +315,10 @@ def load_detr_checkpoint(model: nn.Module, path_or_state_dict, *, label_map: Lab
     `label_map` (default: `model.label_map` if it has one, else COCO's categories in DETR's layout, row = id).
     With `keep_label_map=True` the head loads as it is (into a model with as many classes, else it is skipped) and
     `report.label_map` holds the checkpoint's own compact map. mmdet >= 2.17's converted PVT names
-    (`backbone.layers.*`) and mmdet 3.x files are one-line errors.
+    (`backbone.layers.*`) and mmdet 3.x files are one-line errors. `what`: the name errors give a loaded dict.
     """
-    what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "DETR state dict"
+    if what is None:
+        what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "DETR state dict"
     if isinstance(path_or_state_dict, dict):
         obj, notes = path_or_state_dict, []
     else:
@@ -530,3 +531,57 @@ def _mmdet_class_head(model: nn.Module, sd: dict[str, torch.Tensor], meta: dict 
     how = f"{C} + 1-way head ({source}) -> rows by category id, others weight 0 / bias -1e4"
     converted["class_embed.weight"] = converted["class_embed.bias"] = how
     return None, None
+
+
+def checkpoint_label_map(state: Any) -> LabelMap | None:
+    """The label map a checkpoint's class outputs stand for: pvt-detr's stored `label_map` ([[id, name], ...]), or
+    an older pvt-detr checkpoint's `categories` ({id: name}, DETR's layout over `config['num_classes']` rows); None
+    for a checkpoint that names no categories (facebookresearch/detr's, MMDetection's: see load_detr_checkpoint)."""
+    if not isinstance(state, dict):
+        return None
+    try:
+        if isinstance(state.get("label_map"), list):
+            return LabelMap.from_list(state["label_map"])
+        categories, config = state.get("categories"), state.get("config")
+        if isinstance(categories, dict) and categories and isinstance(config, dict):
+            names = {int(k): str(v) for k, v in categories.items()}
+            rows = config.get("num_classes") or max(names) + 1
+            return LabelMap(tuple((r, names.get(r)) for r in range(int(rows))))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"its stored label map is invalid: {err}") from None
+    return None
+
+
+def fit_class_heads(state_dict: dict[str, torch.Tensor], source: LabelMap, target: LabelMap,
+                    what: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The class heads of a checkpoint trained on `source`'s categories, fitted to a model for `target`'s (for
+    fine-tuning): kept when both name the same ids the same way; rows moved by category name when the same names
+    stand under other ids (rows of `target` no source row names get weight 0 and bias -1e4: never predicted); left
+    out (the model keeps its fresh heads) when the category sets differ. Returns the new state dict (the input is
+    not changed) and one line saying what was done."""
+    heads = [name for name in ("class_embed", "enc_class_embed") if f"{name}.weight" in state_dict]
+    diff = source.diff(target)
+    if not heads or diff.same_rows:
+        return state_dict, "class head kept: the checkpoint's categories are the dataset's"
+    sd = dict(state_dict)
+    if not (diff.same_categories or diff.same_names):
+        for name in heads:
+            del sd[f"{name}.weight"], sd[f"{name}.bias"]
+        return sd, f"class head not loaded (it starts afresh): {what}'s categories differ from the dataset's: {diff}"
+    source_rows = {name: row for row, (_, name) in enumerate(source.rows) if name is not None}
+    for name in heads:
+        weight, bias = sd[f"{name}.weight"], sd[f"{name}.bias"]  # (K_src (+ 1), d), (K_src (+ 1),)
+        no_object = weight.shape[0] == source.num_classes + 1  # softmax heads have a last no-object row
+        if weight.shape[0] != source.num_classes + int(no_object):
+            raise CheckpointError(f"{what}: {name} has {weight.shape[0]} rows for a label map of "
+                                  f"{source.num_classes} classes")
+        rows = [source_rows.get(n) if n is not None else None for _, n in target.rows]  # (K_tgt,) source row or None
+        new_weight = weight.new_zeros(target.num_classes + int(no_object), weight.shape[1])
+        new_bias = bias.new_full((target.num_classes + int(no_object),), -1e4)
+        for r, s in enumerate(rows):
+            if s is not None:
+                new_weight[r], new_bias[r] = weight[s], bias[s]
+        if no_object:
+            new_weight[-1], new_bias[-1] = weight[-1], bias[-1]
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = new_weight, new_bias
+    return sd, f"class head rows moved by category name: {diff}"

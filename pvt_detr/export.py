@@ -12,7 +12,8 @@ image size. Its input follows `nested_tensor_from_tensor_list` (what the evaluat
 Outputs (DETR's): `pred_logits` (B, Q, K+1), softmax over the last axis, last class = no object (with a
 `--focal_loss` checkpoint (B, Q, K) sigmoid scores, no no-object class), and `pred_boxes` (B, Q, 4) cxcywh in
 [0, 1] relative to each image's unpadded size: multiply by the original image's (w, h, w, h) for pixels.
-The model's metadata holds `categories` (JSON {id: name}), `test_size`, `max_size` and `score` (softmax | sigmoid).
+The model's metadata holds `label_map` (JSON [[category id, name or null], ...], one per class output: row r of
+pred_logits stands for label_map[r]), `test_size`, `max_size` and `score` (softmax | sigmoid).
 
 Exporters: `dynamo` (default, `torch.onnx.export(dynamo=True)` with `torch.export` dynamic shapes; H and W are
 declared as 32 * h, 32 * w) or `torchscript` (the legacy tracer with dynamic axes, faster to run, deprecated by
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from pvt_detr.checkpoints import CheckpointError
+from pvt_detr.cli import OneLineParser, expand_path, number
 from pvt_detr.inference import Detector
 from pvt_detr.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
@@ -134,7 +136,7 @@ def export_onnx(detector: Detector, path: str | Path, exporter: str = "dynamo", 
                           f"nothing was written to {path}")
     focal = bool(detector.config.get("focal_loss", False))
     onnx.helper.set_model_props(proto, {
-        "categories": json.dumps({str(k): v for k, v in detector.categories.items()}),
+        "label_map": json.dumps(detector.label_map.to_list()),
         "test_size": str(detector.test_size), "max_size": str(detector.max_size),
         "score": "sigmoid" if focal else "softmax",
         "input": "images (B,3,H,W) normalised, zero-padded bottom/right to multiples of 32; mask (B,H,W) True=padding",
@@ -178,18 +180,24 @@ def check_batch(detector: Detector, example: NestedTensor) -> NestedTensor:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m pvt_detr.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="pvt-detr checkpoint written by main.py")
-    parser.add_argument("--out", default="model.onnx", help="ONNX file to write")
+    parser = OneLineParser("python -m pvt_detr.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=expand_path, help="pvt-detr checkpoint written by main.py")
+    parser.add_argument("--out", default="model.onnx", type=expand_path, help="ONNX file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
                         help="dynamo: torch.onnx.export(dynamo=True) (default); torchscript: the legacy tracer")
-    parser.add_argument("--opset", default=DEFAULT_OPSET, type=int, help="ONNX opset version")
-    parser.add_argument("--atol", default=1e-4, type=float, help="onnxruntime vs PyTorch tolerance of the check")
+    parser.add_argument("--opset", default=DEFAULT_OPSET, type=number(int, 7, 100), help="ONNX opset version")
+    parser.add_argument("--atol", default=1e-4, type=number(float, 0), help="onnxruntime vs PyTorch tolerance")
     parser.add_argument("--no_check", action="store_true", help="skip the onnxruntime check")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder: give the ONNX file's name, e.g. {out / 'model.onnx'}")
+    if out.exists() and not args.overwrite:
+        raise ExportError(f"--out {out} already exists: pass --overwrite to replace it, or choose another name")
     detector = Detector.from_checkpoint(args.checkpoint, device="cpu")
     start = time.time()
     try:
@@ -223,10 +231,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.atol < 0:
-        parser.error(f"--atol must be >= 0, got {args.atol}")
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit as exit_:  # a flag error (one line already printed) or --help
+        return int(exit_.code or 0)
     try:
         return run(args)
     except (ExportError, CheckpointError) as err:
@@ -234,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ImportError as err:
         print(f"error: {err.name or err} is not installed (pip install onnx onnxscript onnxruntime)", file=sys.stderr)
+        return 1
+    except OSError as err:  # writing the file: read-only, disk full, ...
+        print(f"error: {err.filename or args.out}: cannot write it ({err.strerror or err})", file=sys.stderr)
         return 1
 
 

@@ -33,8 +33,9 @@ def read_image(path: str | Path, expected_size: tuple[int, int] | None = None,
 
     expected_size: (width, height) from an annotation file, whose boxes are in the displayed frame (COCO's
     convention). If only the stored frame has that size, the orientation tag is ignored (the annotations were
-    made on the stored pixels); if neither has it, the image is resized to it. A corrupt EXIF block leaves the
-    stored frame. Each of these calls `warn(path, message)` if given.
+    made on the stored pixels); if neither has it, the file's own size is used (an image is never resized to a
+    size only the annotation file declares). A corrupt EXIF block leaves the stored frame. Each of these calls
+    `warn(path, message)` if given.
     Raises ImageReadError (one line naming the file) for a missing, truncated or corrupt file.
     """
     warn = warn or (lambda _path, _message: None)
@@ -53,8 +54,7 @@ def read_image(path: str | Path, expected_size: tuple[int, int] | None = None,
                     image = stored
                 else:
                     warn(str(path), f"{path}: image is {image.width}x{image.height} but annotated as {w}x{h}; "
-                                    "resized to the annotation's size")
-                    image = image.resize((int(w), int(h)), Image.BILINEAR)
+                                    "using the file's size (boxes outside it are clipped)")
             return to_rgb(image)
     except FileNotFoundError:
         raise ImageReadError(f"cannot read image {path}: no such file") from None

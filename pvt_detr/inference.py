@@ -8,7 +8,8 @@ evaluation scored:
 3. batching as `datasets.collate_fn`: zero padding at the bottom/right to multiples of 32 with a padding mask
    (predictions do not depend on the batch, see README);
 4. the model, rebuilt from the checkpoint's config with `build_model`, and the post-processor `build_model`
-   pairs with it; category names come from the checkpoint's `categories` (the training dataset's).
+   pairs with it; class outputs become category ids and names through the checkpoint's label map (the training
+   dataset's categories, `pvt_detr.label_map`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pvt_detr.checkpoints import CheckpointError, load_detr_checkpoint, load_state_file
+from pvt_detr.checkpoints import CheckpointError, checkpoint_label_map, load_detr_checkpoint, load_state_file
 from pvt_detr.config import ModelConfig, stored_config
 from pvt_detr.detr import build_model
 from pvt_detr.image_io import ImageReadError, read_image, to_rgb  # noqa: F401  (ImageReadError: part of this API)
+from pvt_detr.label_map import LabelMap
 from pvt_detr.nested_tensor import nested_tensor_from_tensor_list
 from pvt_detr.preprocess import build_eval_transform
 
@@ -115,15 +117,16 @@ class Detector:
     """A trained PVT-DETR with its evaluation preprocessing, post-processing and category names.
 
     model: a DETR (eval mode); postprocessor: its `build_model` post-processor; test_size / max_size: the
-    evaluation resize (default: `ModelConfig`'s); categories: {category id: name}; compile: run the model through
+    evaluation resize (default: `ModelConfig`'s); label_map: the (category id, name) of each class output (default:
+    DETR's layout, row = id, named by `categories` {id: name} if given); compile: run the model through
     `torch.compile` (with freezing on the CPU: weights become constants of the compiled graph), which compiles on
     the first batch of each new shape.
     """
 
     def __init__(self, model: nn.Module, postprocessor: nn.Module, *, test_size: int = ModelConfig.test_size,
                  max_size: int = ModelConfig.max_size, categories: dict[int, str] | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 4, config: dict | None = None,
-                 compile: bool = False):
+                 label_map: LabelMap | None = None, device: str | torch.device = "cpu", batch_size: int = 4,
+                 config: dict | None = None, compile: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = device if isinstance(device, torch.device) else select_device(device)
@@ -135,7 +138,11 @@ class Detector:
         self.postprocessor = postprocessor
         self.test_size, self.max_size = test_size, max_size
         self.transform = build_eval_transform(test_size, max_size)
-        self.categories = dict(categories or {})
+        if label_map is None:
+            names = {int(k): str(v) for k, v in (categories or {}).items()}
+            label_map = LabelMap(tuple((r, names.get(r, str(r))) for r in range(model.num_classes)))
+        self.label_map = label_map
+        self._category_ids = torch.tensor(label_map.category_ids, dtype=torch.int64)  # (K,) row -> category id
         self.batch_size = batch_size
         self.config = dict(config or {})
 
@@ -161,13 +168,21 @@ class Detector:
             raise CheckpointError(f"{path}: weights do not fit the model of its config: "
                                   f"{str(report).replace(chr(10), '; ')}")
         model.aux_loss = False  # inference needs the last decoder layer only
-        categories = state.get("categories") or {}
-        if not isinstance(categories, dict):
-            raise CheckpointError(f"{path}: its 'categories' is a {type(categories).__name__}, expected id -> name")
-        categories = {int(k): str(v) for k, v in categories.items()}
+        try:
+            label_map = checkpoint_label_map(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        if label_map is not None and label_map.num_classes != model.num_classes:
+            raise CheckpointError(f"{path}: its label map has {label_map.num_classes} rows but its model "
+                                  f"{model.num_classes} classes")
         return cls(model, postprocessors["bbox"], test_size=config.test_size, max_size=config.max_size,
-                   categories=categories, device=device, batch_size=batch_size, config=state["config"],
+                   label_map=label_map, device=device, batch_size=batch_size, config=state["config"],
                    compile=compile)
+
+    @property
+    def categories(self) -> dict[int, str]:
+        """Category id -> name of the categories the detector knows."""
+        return self.label_map.names
 
     def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image (see `as_pil`) -> (evaluation tensor (3, h, w) normalised, original (H, W))."""
@@ -185,7 +200,7 @@ class Detector:
         results = []
         for det, size in zip(self.postprocessor(outputs, target_sizes), sizes):
             keep = det["scores"] >= score_threshold  # (Q,)
-            labels = det["labels"][keep].cpu()
+            labels = self._category_ids[det["labels"][keep].cpu()]  # class rows -> category ids
             results.append(Detections(boxes=det["boxes"][keep].cpu(), scores=det["scores"][keep].cpu(), labels=labels,
                                       names=[self.categories.get(int(c), str(int(c))) for c in labels],
                                       image_size=tuple(size)))

@@ -79,7 +79,7 @@ def test_api_equals_the_evaluation_path(trained, detector, tmp_path):
         torch.testing.assert_close(det.scores, ref["scores"], rtol=0, atol=1e-4)
         torch.testing.assert_close(det.boxes, ref["boxes"], rtol=0, atol=1e-4)
         assert torch.equal(det.labels, ref["labels"])
-        assert det.names == [state["categories"][int(c)] for c in ref["labels"]]
+        assert det.names == [dict(state["label_map"])[int(c)] for c in ref["labels"]]
 
 
 @pytest.mark.slow
@@ -219,4 +219,4 @@ def test_readme_example_runs(trained, capsys):
     code = code.replace("outputs/demo/checkpoint.pth", str(checkpoint)).replace("data/demo", str(data))
     exec(code, {})
     state = torch.load(checkpoint, weights_only=True)
-    assert all(line.split()[0] in state["categories"].values() for line in capsys.readouterr().out.splitlines())
+    assert all(line.split()[0] in dict(state["label_map"]).values() for line in capsys.readouterr().out.splitlines())

@@ -52,7 +52,7 @@ def test_writes_coco_results_and_annotated_pngs(run):
     assert {r["file_name"] for r in rows} == {str(p) for p in images}
     for row in rows:
         assert set(row) >= {"file_name", "category_id", "category_name", "bbox", "score"}
-        assert row["category_name"] == state["categories"][row["category_id"]] and 0 <= row["score"] <= 1
+        assert row["category_name"] == dict(state["label_map"])[row["category_id"]] and 0 <= row["score"] <= 1
         assert len(row["bbox"]) == 4 and row["bbox"][2] >= 0 and row["bbox"][3] >= 0
     # COCO file names carry the image id; others do not.
     assert all(r["image_id"] == int(images[0].stem) for r in rows if r["file_name"] == str(images[0]))

@@ -28,9 +28,24 @@ def test_model_example_runs_and_detects_in_image_coordinates():
     assert (det["boxes"][:, 2] <= 640 + 1e-3).all() and (det["boxes"][:, 3] <= 480 + 1e-3).all()
 
 
-def test_backbone_example_runs():
-    namespace: dict = {"torch": torch}
+def test_backbone_sentence_runs():
+    from pvt_detr import build_backbone
+
+    assert 'build_backbone("pvt_small").forward_features(x)' in README.read_text()
     with torch.no_grad():
-        exec(_python_blocks()[1], namespace)
-    assert [tuple(m.shape) for m in namespace["maps"]] == [(1, 64, 83, 129), (1, 128, 41, 64), (1, 320, 20, 32),
-                                                          (1, 512, 10, 16)]
+        maps = build_backbone("pvt_small").forward_features(torch.randn(1, 3, 333, 517))
+    assert [tuple(m.shape) for m in maps] == [(1, 64, 83, 129), (1, 128, 41, 64), (1, 320, 20, 32), (1, 512, 10, 16)]
+
+
+def test_detector_example_runs_on_a_trained_checkpoint(tmp_path_factory, capsys):
+    from tests.tiny_detector import tiny_checkpoint
+
+    checkpoint, data = tiny_checkpoint(tmp_path_factory)
+    image = sorted((data / "val2017").glob("*.jpg"))[0]
+    code = _python_blocks()[1].replace("outputs/demo/checkpoint.pth", str(checkpoint))
+    code = code.replace("data/demo/val2017/000000000001.jpg", str(image)).replace("score_threshold=0.5",
+                                                                                 "score_threshold=0.0")
+    exec(code, {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6  # the tiny model's 6 queries, all shown at threshold 0
+    assert all(line.split()[0] in ("rectangle", "ellipse", "triangle") and " at [" in line for line in lines)

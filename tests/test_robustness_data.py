@@ -279,9 +279,11 @@ def test_every_image_format_loads_as_rgb_in_the_annotated_frame(dirty_root, caps
     stored = load_rgb(str(folder / "exif_stored_frame.jpg"), (48, 32))
     assert stored.size == (48, 32)
     assert "EXIF orientation ignored" in capsys.readouterr().err
-    resized = load_rgb(str(folder / "resized.jpg"), (64, 48))
-    assert resized.size == (64, 48)
-    assert "image is 32x24 but annotated as 64x48; resized" in capsys.readouterr().err
+    small = load_rgb(str(folder / "resized.jpg"), (64, 48))
+    assert small.size == (32, 24)  # the file's own size: never resized to what only the JSON declares
+    assert "image is 32x24 but annotated as 64x48; using the file's size" in capsys.readouterr().err
+    huge = load_rgb(str(folder / "resized.jpg"), (30000, 30000))  # a declared size can cost no memory
+    assert huge.size == (32, 24)
 
 
 def test_dirty_dataset_loads_with_valid_boxes_and_skips_unreadable_images(dirty_root, capsys):
@@ -394,7 +396,7 @@ def test_dirty_dataset_trains_and_evaluates(tmp_path):
     for name in UNREADABLE:
         assert f"warning: skipping image: cannot read image {tmp_path / 'coco' / 'train2017' / name}" in proc.stderr
         assert f"warning: skipping image: cannot read image {tmp_path / 'coco' / 'val2017' / name}" in proc.stderr
-    assert "EXIF orientation ignored" in proc.stderr and "resized to the annotation's size" in proc.stderr
+    assert "EXIF orientation ignored" in proc.stderr and "using the file's size" in proc.stderr
     assert "skipped class_embed" in proc.stdout
     (entry,) = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert entry["train_bad_images"] == expected["unreadable"] and entry["test_bad_images"] == expected["unreadable"]

@@ -9,6 +9,7 @@ and for TensorBoard (every `TB_EVERY` steps).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -137,7 +138,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     lines = _Progress(epoch, total, print_freq or 0, batch_size * dist_utils.get_world_size(),
                       enabled=print_freq is not None and not progress and dist_utils.is_main_process())
     bar = _progress(data_loader, len(data_loader), f"epoch {epoch}", progress)
-    step = start_step - 1
+    step, lr = start_step - 1, optimizer.param_groups[0]["lr"]
     for step, batch in enumerate(bar, start=start_step):
         samples, targets = batch
         stop = stop_requested is not None and step > start_step and stop_requested()
@@ -166,10 +167,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             loss = _optimisation_step(model, criterion, samples, targets, optimizer, device, settings,
                                       num_boxes=max(boxes / world, 1.0), ce_weight_sum=ce_weight_sum / world,
                                       epoch=epoch, step=step, total=total, totals=totals)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         with warnings.catch_warnings():  # a skipped first step still advances the schedule, by design
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             lr_scheduler.step()
-        lr = optimizer.param_groups[0]["lr"]
         lines.steps += 1
         if loss is not None and (progress or lines.due(step) or (on_step is not None and step % TB_EVERY == 0)):
             loss_value = float(loss)
@@ -181,7 +182,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 on_step(step, {"loss": loss_value, "lr": lr})
     plain = _plain_totals(totals, settings, reduce=True)
     stats = {k: v / max(plain["count"], 1) for k, v in plain["sums"].items()}
-    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats["lr"] = lr  # the last step's
     stats.update({k: plain[k] for k in ("nonfinite_steps", "amp_skipped_steps", "bad_images", "empty_steps")})
     stats["steps"] = step + 1  # of the whole epoch, including those done before a resume
     stats["time"] = time.time() - start
@@ -273,8 +274,10 @@ def _optimisation_step(model: nn.Module, criterion: nn.Module, samples, targets,
 @torch.no_grad()
 def predict_dataset(model: nn.Module, postprocessors: dict, data_loader: Iterable, device: torch.device,
                     criterion: nn.Module | None = None, amp_dtype: torch.dtype | None = None, progress: bool = False,
-                    ) -> tuple[dict[int, dict], dict[str, float]]:
-    """Runs the model over a loader -> ({image_id: {scores, labels, boxes (abs xyxy)}}, mean losses)."""
+                    category_ids: torch.Tensor | None = None) -> tuple[dict[int, dict], dict[str, float]]:
+    """Runs the model over a loader -> ({image_id: {scores, labels (category ids), boxes (abs xyxy)}}, mean losses).
+
+    category_ids: (K,) the category id of each class output row (the label map); None: rows are ids."""
     model.eval()
     if criterion is not None:
         criterion.eval()
@@ -299,28 +302,35 @@ def predict_dataset(model: nn.Module, postprocessors: dict, data_loader: Iterabl
             batches += 1
         orig_sizes = torch.stack([t["orig_size"] for t in targets])  # (B, 2)
         for t, r in zip(targets, postprocessors["bbox"](outputs, orig_sizes)):
-            detections[int(t["image_id"])] = {k: v.cpu() for k, v in r.items()}
+            r = {k: v.cpu() for k, v in r.items()}
+            if category_ids is not None:
+                r["labels"] = category_ids[r["labels"]]  # class rows -> dataset category ids
+            detections[int(t["image_id"])] = r
     return detections, {k: float(v) / max(batches, 1) for k, v in sums.items()}
 
 
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, coco_gt,
              device: torch.device, *, amp_dtype: torch.dtype | None = None, progress: bool = False,
-             results_path=None, image_ids: Iterable[int] | None = None) -> tuple[dict[str, float], CocoEvaluator]:
-    """COCO box evaluation. Detections are gathered from all processes and scored once (rank 0).
+             results_path=None, image_ids: Iterable[int] | None = None, category_ids: torch.Tensor | None = None,
+             evaluator: str = "pycocotools") -> tuple[dict[str, float], CocoEvaluator]:
+    """COCO box evaluation with `evaluator` (pycocotools or faster-coco-eval). Detections are gathered from all
+    processes and scored once (rank 0), which also prints the per-class AP table.
 
     image_ids: every image of the evaluated set. Those the loader did not return (unreadable images, skipped by
-    the dataset) are scored as images without detections and counted in `bad_images`.
-    Returns ({test_loss..., 'coco_eval_bbox': [12 stats], 'bad_images' if image_ids}, evaluator); writes the
-    results JSON on rank 0.
+    the dataset) are scored as images without detections and counted in `bad_images`. category_ids: see
+    `predict_dataset`. Returns ({test_loss..., 'coco_eval_bbox': [12 stats], 'per_class_ap': [{category_id, name,
+    ap, ap50, num_gt}], 'bad_images' if image_ids}, evaluator); writes the results JSON on rank 0.
     """
-    detections, losses = predict_dataset(model, postprocessors, data_loader, device, criterion, amp_dtype, progress)
-    coco_evaluator = CocoEvaluator(coco_gt)
+    detections, losses = predict_dataset(model, postprocessors, data_loader, device, criterion, amp_dtype, progress,
+                                         category_ids)
+    coco_evaluator = CocoEvaluator(coco_gt, evaluator)
     coco_evaluator.update(detections)
     gathered = dist_utils.all_gather_object((coco_evaluator.results, coco_evaluator.image_ids, losses))
     stats: list[float] | None = None
+    per_class: list[dict] = []
     bad_images = 0
     if dist_utils.is_main_process():
-        merged = CocoEvaluator(coco_gt)
+        merged = CocoEvaluator(coco_gt, evaluator)
         for results, returned_ids, _ in gathered:
             merged.extend(results, returned_ids)
         coco_evaluator = merged
@@ -332,12 +342,15 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
             coco_evaluator.extend([], unread)
             bad_images = len(unread)
         stats = coco_evaluator.summarize()
+        print(coco_evaluator.per_class_table())
+        per_class = [dataclasses.asdict(row) for row in coco_evaluator.per_class_ap()]
         if results_path is not None:
             coco_evaluator.write_results(results_path)
-    stats, bad_images = dist_utils.all_gather_object((stats, bad_images))[0]
+    stats, per_class, bad_images = dist_utils.all_gather_object((stats, per_class, bad_images))[0]
     mean_losses = {k: sum(g[2].get(k, 0.0) for g in gathered) / len(gathered) for k in losses}
     out = dict(mean_losses)
     out["coco_eval_bbox"] = stats
+    out["per_class_ap"] = per_class
     out.update({name: value for name, value in zip(STAT_NAMES, stats)})
     if image_ids is not None:
         out["bad_images"] = bad_images

@@ -62,30 +62,42 @@ class TensorBoardLogger:
 
 
 def plot_curves(output_dir: Path) -> Path | None:
-    """Writes output_dir/curves.png: train/test loss and COCO AP / AP50 per epoch."""
+    """Writes output_dir/curves.png: the same loss for training and validation (the last decoder layer's weighted
+    class + L1 + GIoU loss, with the run's coefficients from config.yaml) and COCO AP / AP50, per epoch."""
     entries = read_log(output_dir)
     if not entries:
         return None
     import matplotlib
+    import yaml
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    config_path = Path(output_dir) / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    weights = {"loss_ce": config.get("cls_loss_coef", 1.0), "loss_bbox": config.get("bbox_loss_coef", 5.0),
+               "loss_giou": config.get("giou_loss_coef", 2.0)}
+
+    def last_layer_loss(entry: dict, split: str) -> float | None:
+        values = [entry.get(f"{split}_{k}") for k in weights]
+        return None if None in values else sum(w * v for w, v in zip(weights.values(), values))
+
     epochs = [e["epoch"] for e in entries]
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train loss"), ("test_loss", "test loss")):
-        values = [e.get(key) for e in entries]
+    for split in ("train", "test"):
+        values = [last_layer_loss(e, split) for e in entries]
         if any(v is not None for v in values):
-            ax_loss.plot(epochs, values, marker="o", label=label)
+            ax_loss.plot(epochs, values, marker="o", label="train" if split == "train" else "validation")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("weighted loss")
+    ax_loss.set_ylabel("last decoder layer: " + " + ".join(f"{w:g} {k.removeprefix('loss_')}"
+                                                           for k, w in weights.items()), fontsize=8)
     ax_loss.legend()
     for index, label in ((0, "AP"), (1, "AP50")):
         values = [e["test_coco_eval_bbox"][index] if e.get("test_coco_eval_bbox") else None for e in entries]
         if any(v is not None for v in values):
             ax_ap.plot(epochs, values, marker="o", label=label)
     ax_ap.set_xlabel("epoch")
-    ax_ap.set_ylabel("COCO val")
+    ax_ap.set_ylabel("COCO box AP, validation")
     ax_ap.set_ylim(0, 1)
     ax_ap.legend()
     fig.tight_layout()

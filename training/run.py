@@ -28,8 +28,9 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from datasets import DatasetError, build_dataset, collate_fn, get_coco_api_from_dataset
 from pvt_detr import build_model, load_detr_checkpoint, load_pvt_checkpoint
-from pvt_detr.checkpoints import CheckpointError, load_state_file
+from pvt_detr.checkpoints import CheckpointError, checkpoint_label_map, fit_class_heads, load_state_file
 from pvt_detr.config import MAX_NUM_CLASSES, ModelConfig
+from pvt_detr.label_map import LabelMap
 from training import distributed as dist_utils
 from training.checkpoint import (
     architecture_mismatch,
@@ -164,12 +165,17 @@ def setup_process(args) -> torch.device:
 
 @dataclass
 class Data:
-    """The datasets of a run and the categories its class outputs stand for (id -> name)."""
+    """The datasets of a run and what its class outputs stand for: DETR's layout, row = category id (label_map)."""
 
     train: torch.utils.data.Dataset | None
     val: torch.utils.data.Dataset
     coco_val: object  # pycocotools COCO of the validation split
-    categories: dict[int, str]
+    label_map: LabelMap
+
+    @property
+    def category_ids(self) -> torch.Tensor:
+        """(K,) the category id of each class output row."""
+        return torch.tensor(self.label_map.category_ids, dtype=torch.int64)
 
 
 def _usable_boxes(dataset) -> int:
@@ -234,7 +240,8 @@ def load_data(args) -> Data:
     elif max_id >= args.num_classes:
         raise RunError(f"--num_classes {args.num_classes} is too small for category id {max_id} of the annotation "
                        f"files (it must be at least {max_id + 1}; leave it unset to derive it)")
-    return Data(dataset_train, dataset_val, coco_val, categories)
+    label_map = LabelMap(tuple((row, categories.get(row)) for row in range(args.num_classes)))
+    return Data(dataset_train, dataset_val, coco_val, label_map)
 
 
 def _resolve_resume(args) -> Path | None:
@@ -313,10 +320,7 @@ def build_parts(args, data: Data, device: torch.device) -> Parts:
         report = load_pvt_checkpoint(model.backbone, args.pretrained_backbone)
         print(f"backbone from {args.pretrained_backbone}: {report}".replace("\n", "; "))
     if args.finetune:
-        _check_architecture(load_state_file(args.finetune), args, args.finetune,
-                            "fine-tune from it with the same architecture flags", ignore=("num_classes",))
-        report = load_detr_checkpoint(model, args.finetune)
-        print(f"fine-tuning from {args.finetune}: {report}".replace("\n", "; "))
+        _finetune_from(args.finetune, model, args, data.label_map)
     model.to(device)
     criterion.to(device)
     freeze_backbone_if_asked(model, args)
@@ -333,6 +337,28 @@ def build_parts(args, data: Data, device: torch.device) -> Parts:
     print(f"model {args.backbone} + DETR: {n_params / 1e6:.2f} M trainable parameters, device {device}, "
           f"{dist_utils.get_world_size()} process(es)")
     return Parts(model, module, criterion, postprocessors, dtype, grad_scaler(dtype, device), optimizer, n_params)
+
+
+def _finetune_from(path: str, model: nn.Module, args, label_map: LabelMap) -> None:
+    """Loads --finetune's weights: a pvt-detr checkpoint must have this run's architecture (any class count); its
+    class head is kept, moved by category name or left out, by how its label map compares with the dataset's
+    (facebookresearch/detr's 91-class heads are COCO's; MMDetection's are matched by class name)."""
+    state = load_state_file(path)
+    _check_architecture(state, args, path, "fine-tune from it with the same architecture flags",
+                        ignore=("num_classes",))
+    source = checkpoint_label_map(state)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if source is None and isinstance(weights, dict) and getattr(weights.get("class_embed.weight"), "shape", (0,))[0] \
+            == LabelMap.coco().num_classes + 1 and not any(k.startswith("bbox_head.") for k in weights):
+        source = LabelMap.coco()  # facebookresearch/detr's COCO models: 91 classes + no-object, row = id
+    note = None
+    if source is not None and isinstance(weights, dict):
+        weights, note = fit_class_heads(weights, source, label_map, path)
+        state = {**state, "model": weights}
+    report = load_detr_checkpoint(model, state, label_map=label_map, what=path)
+    print(f"fine-tuning from {path}: {report}".replace("\n", "; "))
+    if note:
+        print(f"fine-tuning from {path}: {note}")
 
 
 def _check_architecture(state: dict, args, path, advice: str, ignore: tuple[str, ...] = ()) -> None:
@@ -364,10 +390,12 @@ def _val_loader(args, data: Data, device: torch.device) -> DataLoader:
 
 
 def _evaluate(args, parts: Parts, data: Data, loader, device: torch.device, output_dir: Path | None) -> dict:
-    stats, _ = evaluate(parts.model, parts.criterion, parts.postprocessors, loader, data.coco_val, device,
-                        amp_dtype=parts.amp_dtype, progress=progress_enabled(args),
-                        results_path=output_dir / "results_val.json" if output_dir else None,
-                        image_ids=data.val.ids)
+    stats, evaluator = evaluate(parts.model, parts.criterion, parts.postprocessors, loader, data.coco_val, device,
+                                amp_dtype=parts.amp_dtype, progress=progress_enabled(args),
+                                results_path=output_dir / "results_val.json" if output_dir else None,
+                                image_ids=data.val.ids, category_ids=data.category_ids, evaluator=args.evaluator)
+    if output_dir is not None and dist_utils.is_main_process():
+        (output_dir / "per_class_ap.txt").write_text(evaluator.per_class_table() + "\n")
     return stats
 
 
@@ -482,7 +510,7 @@ def train(args, parts: Parts, data: Data, device: torch.device, output_dir: Path
         state = {"model": parts.module.state_dict(), "optimizer": parts.optimizer.state_dict(),
                  "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "step": step,
                  "config": config_dict(args), "rng": {str(r): s for r, s in enumerate(rngs)},
-                 "categories": {int(k): v for k, v in data.categories.items()}}
+                 "label_map": data.label_map.to_list()}
         if totals is not None:
             state["epoch_totals"] = totals
         if parts.scaler is not None:
@@ -510,12 +538,15 @@ def train(args, parts: Parts, data: Data, device: torch.device, output_dir: Path
         test_stats = _evaluate(args, parts, data, loader_val, device, output_dir) if evaluated else {}
         entry = {**{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"test_{k}": v for k, v in test_stats.items()
-                    if k in ("coco_eval_bbox", "bad_images") or k.startswith("loss")},
+                    if k in ("coco_eval_bbox", "per_class_ap", "bad_images") or k.startswith("loss")},
                  "epoch": epoch, "n_parameters": parts.n_params, "elapsed_s": round(time.time() - run_start, 1)}
         if output_dir is not None and main_process:
             append_log(output_dir, entry)
+            per_class = {f"test_AP/{row['name']}": row["ap"] for row in test_stats.get("per_class_ap", [])
+                         if row["ap"] is not None}
             tb.epoch({"epoch": epoch, **{k: v for k, v in entry.items() if not isinstance(v, list)},
-                      **({"test_AP": test_stats["AP"], "test_AP50": test_stats["AP50"]} if evaluated else {})})
+                      **({"test_AP": test_stats["AP"], "test_AP50": test_stats["AP50"]} if evaluated else {}),
+                      **per_class})
             if evaluated:
                 plot_curves(output_dir)
         ap = f", AP {test_stats['AP']:.3f}, AP50 {test_stats['AP50']:.3f}" if evaluated else ""
@@ -603,7 +634,7 @@ def _draw_predictions(args, parts: Parts, data: Data, device: torch.device, outp
         keep = det["scores"] >= args.plot_threshold
         info = coco.loadImgs(int(target["image_id"]))[0]
         pil = load_rgb(str(Path(data.val.root) / info["file_name"]), (info["width"], info["height"]))
-        drawn = draw_on_image(pil, det["boxes"][keep].cpu(), det["labels"][keep].cpu(), det["scores"][keep].cpu(),
-                              data.categories)
+        labels = data.category_ids[det["labels"][keep].cpu()]
+        drawn = draw_on_image(pil, det["boxes"][keep].cpu(), labels, det["scores"][keep].cpu(), data.label_map.names)
         drawn.save(folder / f"{Path(info['file_name']).stem}.png")
     print(f"predictions drawn into {folder}")
