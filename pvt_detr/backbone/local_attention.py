@@ -81,8 +81,8 @@ class NeighbourhoodAttention(nn.Module):
 class LocalMixing(nn.Module):
     """Runs after a stage's patch embedding: GELU, then `depth` times neighbourhood attention -> LayerNorm -> GELU.
 
-    Sequential, not residual: in our CPU experiments on the demo scenes a residual branch around the local layer
-    was not recruited in the first epochs, while this order learned as fast as a convolutional stem.
+    Sequential, not residual: on the demo scenes a residual branch around the local layer is not recruited in the
+    first epochs, while this order learns as fast as a convolutional stem (docs/demo.md).
     """
 
     def __init__(self, dim: int, depth: int, kernel_size: int = 3):
