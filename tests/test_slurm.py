@@ -127,7 +127,8 @@ def test_srun_two_tasks_form_a_gloo_group(cluster):
                       if line.startswith("RESULT ")), key=lambda r: r["rank"])
     check_two_rank_results(results)
     # Rank 0's announcement (rank 1 is silenced afterwards but announces before): SLURM variables, derived port.
-    assert re.search(r"distributed init: rank 0/2 \(local 0, gloo, slurm\) at tcp://localhost:2\d{4}", proc.stdout)
+    assert re.search(r"distributed init: rank 0/2 \(local 0, gloo, slurm\) on \S+ at tcp://localhost:2\d{4}",
+                     proc.stdout)
 
 
 @pytest.mark.slurm
