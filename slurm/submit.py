@@ -44,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 from training.distributed import (  # noqa: E402
     DistributedSetupError,
     check_dist_url,
+    first_host,
     read_dist_env,
     slurm_master_port,
 )
@@ -133,11 +134,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export_dist_env() -> None:
     """Sets torchrun's variables for this SLURM task from submitit's view of the job, so that
-    training.distributed.init_distributed_mode (called by main.main) joins the job's process group."""
+    training.distributed.init_distributed_mode (called by main.main) joins the job's process group.
+
+    Rank 0 runs on the job's first node (`scontrol show hostnames $SLURM_JOB_NODELIST`); MASTER_ADDR or
+    MASTER_PORT already in the task's environment (given at submission: sbatch exports the submitter's
+    environment) win, e.g. for nodes that reach each other under other names than SLURM's."""
     job_env = submitit.JobEnvironment()
     os.environ.update({
-        "MASTER_ADDR": job_env.hostnames[0],  # rank 0 runs on the job's first node
-        "MASTER_PORT": str(slurm_master_port(job_env.raw_job_id)),
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR") or first_host(os.environ["SLURM_JOB_NODELIST"]),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(slurm_master_port(job_env.raw_job_id)),
         "RANK": str(job_env.global_rank),
         "WORLD_SIZE": str(job_env.num_tasks),
         "LOCAL_RANK": str(job_env.local_rank),

@@ -1,10 +1,12 @@
-"""training/distributed.py: launcher environments -> DistEnv, node lists, devices, and a real 2-process gloo group."""
+"""training/distributed.py: launcher environments -> DistEnv, node lists, devices, rendezvous errors, and a real
+2-process gloo group."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from training import distributed as dist_utils
-from training.distributed import DistEnv, DistributedSetupError, expand_nodelist, read_dist_env
+from training.distributed import DistEnv, DistributedSetupError, job_hostnames, read_dist_env
 
 REPO = Path(__file__).resolve().parents[1]
 _LAUNCHER_PREFIXES = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -31,6 +33,43 @@ def clean_environ(**extra: str) -> dict[str, str]:
     """os.environ without launcher variables (the tests may themselves run inside a SLURM job), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
     return {**env, **extra}
+
+
+# A stand-in for SLURM's scontrol: `scontrol show hostnames LIST` prints the expansions SLURM gives for the lists
+# below (checked against the real scontrol in test_real_scontrol_expands_like_the_stand_in) and logs its arguments.
+SCONTROL_EXPANSIONS = {
+    "node[1-3,5]": ["node1", "node2", "node3", "node5"],
+    "gpu[08-10],login": ["gpu08", "gpu09", "gpu10", "login"],
+}
+FAKE_SCONTROL = """#!/usr/bin/env python3
+import json, sys
+with open(sys.argv[0] + ".calls", "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+expansions = {expansions!r}
+if sys.argv[1:3] != ["show", "hostnames"] or sys.argv[3] not in expansions:
+    sys.exit("scontrol: error: Unable to create hostlist from " + sys.argv[-1])
+print("\\n".join(expansions[sys.argv[3]]))
+"""
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path, monkeypatch) -> Path:
+    """Puts the stand-in scontrol first on PATH; returns its path (its calls are logged to <path>.calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(FAKE_SCONTROL.format(expansions=SCONTROL_EXPANSIONS))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return script
+
+
+@pytest.fixture
+def no_scontrol(tmp_path, monkeypatch) -> None:
+    """A PATH on which no scontrol can be found."""
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,7 +108,7 @@ def test_partial_or_inconsistent_torchrun_is_a_one_line_error(environ, message):
     assert "\n" not in str(info.value)
 
 
-def test_slurm_task():
+def test_slurm_task(fake_scontrol):
     env = read_dist_env({**SLURM_TASK, "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_RESTART_COUNT": "2"})
     assert env == DistEnv("slurm", rank=5, world_size=8, local_rank=1, master_addr="node1",
                           master_port=20000 + 4242, restart_count=2)
@@ -121,26 +160,53 @@ def test_interactive_salloc_shell_is_single_process():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Node lists
+# Node lists: scontrol, else submitit's SLURM job environment, else a one-line error
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("localhost", ["localhost"]),
-    ("node[1-3,5],other", ["node1", "node2", "node3", "node5", "other"]),
-    ("gpu[08-10]", ["gpu08", "gpu09", "gpu10"]),
-    ("a,b[7]", ["a", "b7"]),
-    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
-    ("x[1,3]-ib,y", ["x1-ib", "x3-ib", "y"]),
-])
-def test_expand_nodelist(nodelist, hosts):
-    assert expand_nodelist(nodelist) == hosts
-    assert dist_utils.first_host(nodelist) == hosts[0]  # via scontrol when it is installed
+@pytest.mark.parametrize("nodelist", sorted(SCONTROL_EXPANSIONS))
+def test_job_hostnames_asks_scontrol(fake_scontrol, nodelist):
+    assert job_hostnames(nodelist) == SCONTROL_EXPANSIONS[nodelist]
+    assert dist_utils.first_host(nodelist) == SCONTROL_EXPANSIONS[nodelist][0]
+    calls = [json.loads(line) for line in Path(f"{fake_scontrol}.calls").read_text().splitlines()]
+    assert calls == [["show", "hostnames", nodelist]] * 2
 
 
-@pytest.mark.parametrize("nodelist", ["node[1-3", "node1-3]", "node[3-1]", "node[a-b]", "node[]", ""])
-def test_malformed_nodelist_is_an_error(nodelist):
-    with pytest.raises(DistributedSetupError, match="malformed"):
-        expand_nodelist(nodelist)
+def test_real_scontrol_expands_like_the_stand_in():
+    if shutil.which("scontrol") is None:
+        pytest.skip("scontrol not installed")
+    probe = subprocess.run(["scontrol", "show", "hostnames", "a[1-2]"], capture_output=True, text=True, timeout=10)
+    if probe.returncode != 0:
+        pytest.skip(f"scontrol cannot run here: {probe.stderr.strip().splitlines()[-1:]}")
+    for nodelist, hosts in SCONTROL_EXPANSIONS.items():
+        assert job_hostnames(nodelist) == hosts
+
+
+def test_job_hostnames_without_scontrol_uses_submitit_for_the_jobs_own_list(no_scontrol, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[08-10],login")
+    assert job_hostnames("gpu[08-10],login") == SCONTROL_EXPANSIONS["gpu[08-10],login"]
+
+
+def test_job_hostnames_without_scontrol_for_another_list_is_a_one_line_error(no_scontrol, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "other[1-2]")
+    with pytest.raises(DistributedSetupError) as info:
+        job_hostnames("node[1-3,5]")
+    assert str(info.value) == "cannot expand the SLURM node list 'node[1-3,5]' (scontrol not found); set MASTER_ADDR"
+
+
+def test_job_hostnames_reports_a_failing_scontrol(fake_scontrol, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    with pytest.raises(DistributedSetupError) as info:
+        job_hostnames("bad[")
+    assert str(info.value) == ("cannot expand the SLURM node list 'bad[' (scontrol: error: Unable to create hostlist "
+                               "from bad[); set MASTER_ADDR")
+
+
+def test_slurm_task_whose_node_list_cannot_be_expanded_is_an_error(no_scontrol, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    with pytest.raises(DistributedSetupError, match=r"cannot expand the SLURM node list 'node\[1-3,5\]'"):
+        read_dist_env(SLURM_TASK)
+    # MASTER_ADDR given by hand needs no expansion.
+    assert read_dist_env({**SLURM_TASK, "MASTER_ADDR": "head"}).master_addr == "head"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,7 +297,7 @@ def run_workers(envs: list[dict[str, str]], timeout: float = 60) -> list[dict]:
                 proc.wait()
     results = []
     for stdout in outputs:
-        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+        results.append({**json.loads(stdout.split("RESULT ", 1)[1]), "stdout": stdout})
         assert ("silenced on rank 1" in stdout) == (results[-1]["rank"] == 0)
     return results
 
@@ -253,6 +319,9 @@ def test_two_process_gloo_torchrun_env():
     results = run_workers(envs)
     check_two_rank_results(results)
     assert [r["local_rank"] for r in results] == [0, 1]
+    for rank, result in enumerate(results):  # each rank's one line names its host
+        assert (f"| distributed init: rank {rank}/2 (local {rank}, gloo, torchrun) on {socket.gethostname()} at "
+                f"tcp://127.0.0.1:{port}\n") in result["stdout"]
 
 
 def test_two_process_gloo_slurm_env():
@@ -261,3 +330,48 @@ def test_two_process_gloo_slurm_env():
     envs = [clean_environ(SLURM_JOB_ID="99", SLURM_STEP_ID="0", SLURM_PROCID=str(r), SLURM_NTASKS="2",
                           SLURM_LOCALID=str(r), SLURM_JOB_NODELIST="localhost", MASTER_PORT=port) for r in range(2)]
     check_two_rank_results(run_workers(envs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A rendezvous that cannot complete: one line naming the address, within --dist_timeout
+
+
+def test_rank_that_cannot_reach_the_master_fails_in_time_with_the_address(monkeypatch):
+    # Rank 1 of 2 while nothing listens at MASTER_ADDR:MASTER_PORT (rank 0 absent, or the address wrong).
+    for name in list(os.environ):
+        if name.startswith(_LAUNCHER_PREFIXES):
+            monkeypatch.delenv(name)
+    port = free_port()
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    args = argparse.Namespace(device="cpu", dist_url="env://", dist_timeout=3)
+    start = time.monotonic()
+    with pytest.raises(DistributedSetupError) as info:
+        dist_utils.init_distributed_mode(args)
+    elapsed = time.monotonic() - start
+    assert str(info.value) == (f"rank 1 on {socket.gethostname()}: cannot reach the rendezvous at 127.0.0.1:{port} "
+                               "(MASTER_ADDR:MASTER_PORT, rank 0's host) within --dist_timeout 3 s: Connection refused")
+    assert 3 <= elapsed < 5, elapsed
+    assert not torch.distributed.is_initialized()
+
+
+def test_main_whose_peers_never_come_exits_with_one_line(tmp_path):
+    # main.py as rank 0 of 2 with no rank 1: the rendezvous times out; the last stderr line names the address.
+    from test_main_cli import TINY
+
+    port = free_port()
+    env = clean_environ(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "main.py"), *TINY, "--device", "cpu", "--dist_timeout", "3",
+                           "--coco_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    prefix = f"error: rank 0 on {socket.gethostname()}: the rendezvous at 127.0.0.1:{port} failed after "
+    assert last.startswith(prefix) and "(--dist_timeout 3 s): " in last, last
+    assert "1/2 clients joined" in last, last
+    assert elapsed < 60, elapsed  # python + torch start-up, then the 3 s rendezvous (torch adds ~1 s)
+    assert not (tmp_path / "data").exists()  # nothing is done before the group forms

@@ -88,10 +88,12 @@ def task_log(job_dir: Path, job_id: str, task: int, kind: str = "out") -> str:
 
 
 def demo_flags(data_dir: Path, epochs: int, train_images: int) -> list[str]:
-    """main.py flags for a tiny run of the demo config (the data is generated into data_dir)."""
+    """main.py flags for a tiny run of the demo config (the data is generated into data_dir). One thread per task
+    (the demo config asks for 2): the jobs run 2 tasks on the node's cores."""
     return ["--config", "configs/demo.yaml", "--coco_path", str(data_dir), "--epochs", str(epochs),
             "--demo_train_images", str(train_images), "--demo_val_images", "8", "--batch_size", "4",
-            "--num_workers", "0", "--warmup_iters", "0", "--plot_predictions", "0", "--no_progress"]
+            "--num_workers", "0", "--num_threads", "1", "--device", "cpu", "--warmup_iters", "0",
+            "--plot_predictions", "0", "--no_progress"]
 
 
 def logged_epochs(job_dir: Path) -> list[int]:
@@ -127,7 +129,8 @@ def test_srun_two_tasks_form_a_gloo_group(cluster):
                       if line.startswith("RESULT ")), key=lambda r: r["rank"])
     check_two_rank_results(results)
     # Rank 0's announcement (rank 1 is silenced afterwards but announces before): SLURM variables, derived port.
-    assert re.search(r"distributed init: rank 0/2 \(local 0, gloo, slurm\) at tcp://localhost:2\d{4}", proc.stdout)
+    assert re.search(r"distributed init: rank 0/2 \(local 0, gloo, slurm\) on \S+ at tcp://localhost:2\d{4}",
+                     proc.stdout)
 
 
 @pytest.mark.slurm

@@ -1,15 +1,17 @@
 """Distributed setup: one process per device, started by torchrun, by SLURM (srun / submitit) or by hand.
 
-`read_dist_env(environ)` turns whichever launcher environment exists into a `DistEnv` (pure: no process
-group, testable with a dict); `init_distributed_mode(args)` applies it (gloo on CPU, NCCL on CUDA, with
-`--dist_timeout`). The collective helpers (`reduce_dict`, `all_gather_object`, ...) follow DETR's
-util/misc.py but are also correct in a single process and on CPU, where DETR assumed CUDA.
+`read_dist_env(environ)` turns whichever launcher environment exists into a `DistEnv` (no process group,
+testable with a dict); `init_distributed_mode(args)` applies it (gloo on CPU, NCCL on CUDA, with
+`--dist_timeout`): a rendezvous that cannot complete in that time is a one-line DistributedSetupError naming
+the address, not a hang or a C++ traceback. The collective helpers (`reduce_dict`, `all_gather_object`, ...)
+follow DETR's util/misc.py but are also correct in a single process and on CPU, where DETR assumed CUDA.
 
 Environments, in order of precedence:
 - torchrun: RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT). All three or none.
 - SLURM task (inside `srun`, i.e. SLURM_STEP_ID is set): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; rank 0's
-  host is the first of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; port 20000 + job id % 20000 unless
-  MASTER_ADDR / MASTER_PORT are set. SLURM_NTASKS=1 is a single process.
+  host is the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST (expanded by `scontrol show hostnames`,
+  see `job_hostnames`); port 20000 + job id % 20000 unless MASTER_ADDR / MASTER_PORT are set. SLURM_NTASKS=1
+  is a single process.
 - SLURM batch script (SLURM_PROCID=0 but no SLURM_STEP_ID): a single process, unless the job has several
   tasks, which is an error (the tasks must be started with srun).
 - Anything else, including an interactive `salloc` shell (SLURM_JOB_ID without SLURM_PROCID): single process.
@@ -22,11 +24,13 @@ import datetime
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import product
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -82,52 +86,41 @@ def slurm_master_port(job_id: str | int) -> int:
     return 20000 + int(match.group()) % 20000
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expands a SLURM host list such as `node[1-3,5],gpu[01-02]-ib,other` (pure Python, no scontrol)."""
-    hosts: list[str] = []
-    depth, start = 0, 0
-    for i, char in enumerate(nodelist + ","):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if depth not in (0, 1):
-            raise DistributedSetupError(f"malformed SLURM node list {nodelist!r}")
-        if char == "," and depth == 0:
-            if i > start:
-                hosts.extend(_expand_host_expr(nodelist[start:i], nodelist))
-            start = i + 1
-    if depth != 0 or not hosts:
-        raise DistributedSetupError(f"malformed SLURM node list {nodelist!r}")
-    return hosts
+def job_hostnames(nodelist: str) -> list[str]:
+    """The hosts of a SLURM node list such as `node[1-3,5],gpu07`, in SLURM's order.
 
+    Asks `scontrol show hostnames`; where scontrol is missing or fails (e.g. no readable slurm.conf), submitit's
+    SLURM job environment (`SlurmJobEnvironment().hostnames`) expands the job's own SLURM_JOB_NODELIST. Raises
+    DistributedSetupError when neither can."""
+    problem = "scontrol not found"
+    if shutil.which("scontrol"):
+        try:
+            # Short timeout: without a readable slurm.conf, scontrol may retry for a minute before failing.
+            proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                  timeout=10)
+            hosts = proc.stdout.split()
+            if proc.returncode == 0 and hosts:
+                return hosts
+            problem = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        except subprocess.TimeoutExpired:
+            problem = "scontrol show hostnames timed out"
+        except OSError as e:
+            problem = f"scontrol: {e.strerror or e}"
+    if nodelist and os.environ.get("SLURM_JOB_NODELIST") == nodelist:
+        from submitit.slurm.slurm import SlurmJobEnvironment  # a launcher dependency, only needed here
 
-def _expand_host_expr(expr: str, nodelist: str) -> list[str]:
-    parts = re.split(r"\[([^\]]*)\]", expr)  # literal, range spec, literal, range spec, ..., literal
-    choices: list[list[str]] = []
-    for i, part in enumerate(parts):
-        if i % 2 == 0:
-            choices.append([part])
-            continue
-        numbers = []
-        for item in part.split(","):
-            low, _, high = item.partition("-")
-            if not low.isdigit() or not (high or low).isdigit() or int(high or low) < int(low):
-                raise DistributedSetupError(f"malformed range [{part}] in SLURM node list {nodelist!r}")
-            numbers += [str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1)]
-        choices.append(numbers)
-    return ["".join(combo) for combo in product(*choices)]
+        try:
+            hosts = list(SlurmJobEnvironment().hostnames)  # expands os.environ's SLURM_JOB_NODELIST
+            if hosts:
+                return hosts
+        except Exception as e:  # submitit's parser raises its own exception type on an unknown format
+            problem += f"; submitit: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    raise DistributedSetupError(f"cannot expand the SLURM node list {nodelist!r} ({problem}); set MASTER_ADDR")
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list: `scontrol show hostnames` when available, else `expand_nodelist`."""
-    if "[" in nodelist and shutil.which("scontrol"):
-        try:
-            # Short timeout: without a readable slurm.conf, scontrol retries for 60 s before failing.
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=5, check=True).stdout.split()
-            if out:
-                return out[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return expand_nodelist(nodelist)[0]
+    """First host of a SLURM node list (where SLURM starts rank 0): see `job_hostnames`."""
+    return job_hostnames(nodelist)[0]
 
 
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -219,13 +212,43 @@ def check_dist_url(url: str) -> str:
     return url
 
 
+def _wait_for_master(host: str, port: int, timeout: float, who: str) -> None:
+    """Returns once a TCP connection to host:port opens, i.e. rank 0's rendezvous store listens there; raises
+    DistributedSetupError naming the address after `timeout` seconds of refused, unreachable or unresolvable
+    attempts. (torch's own connect loop can overrun its timeout by a retry back-off and logs C++ tracebacks.)
+    `who` ("rank 1 on node2") starts the message."""
+    deadline = time.monotonic() + timeout
+    problem = "no attempt"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DistributedSetupError(
+                f"{who}: cannot reach the rendezvous at {host}:{port} (MASTER_ADDR:MASTER_PORT, rank 0's host) "
+                f"within --dist_timeout {timeout:g} s: {problem}")
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, remaining)):
+                return
+        except TimeoutError:  # keeps a more telling earlier error ("No route to host")
+            problem = problem if problem != "no attempt" else "timed out"
+        except OSError as e:  # refused (rank 0 not listening yet), unreachable, unresolvable
+            problem = e.strerror or str(e) or type(e).__name__
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def init_distributed_mode(args: Any) -> torch.device:
     """Reads the launcher environment, sets `args.rank`, `args.world_size`, `args.local_rank`, `args.gpu`,
     `args.distributed` (and `args.dist_backend`), joins the process group when there are several processes
     and returns this process's device. Non-zero ranks print only with `print(..., force=True)` afterwards.
 
     Uses `args.device` ('auto' | 'cpu' | 'cuda'), `args.dist_url` ('env://' rendezvous at MASTER_ADDR:PORT,
-    or e.g. 'tcp://host:port' / 'file:///abs/path') and `args.dist_timeout` (seconds)."""
+    or e.g. 'tcp://host:port' / 'file:///abs/path') and `args.dist_timeout` (seconds). Every rank prints one
+    line naming its host. A rendezvous that does not complete within the timeout (MASTER_ADDR unreachable or
+    wrong, rank 0 missing, a peer unreachable) raises DistributedSetupError naming the address."""
     env = read_dist_env()
     args.rank, args.world_size, args.local_rank = env.rank, env.world_size, env.local_rank
     args.gpu = env.local_rank
@@ -241,15 +264,36 @@ def init_distributed_mode(args: Any) -> torch.device:
             raise DistributedSetupError(
                 f"{env.launcher} environment with {env.world_size} processes but MASTER_ADDR/MASTER_PORT unset"
             )
-        url = f"tcp://{env.master_addr}:{env.master_port}"
+        # An IPv6 literal needs brackets in a URL.
+        host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
+        url = f"tcp://{host}:{env.master_port}"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout_s = getattr(args, "dist_timeout", 1800)
     requeued = f", SLURM restart {env.restart_count}" if env.restart_count else ""
     _builtin_print(f"| distributed init: rank {env.rank}/{env.world_size} (local {env.local_rank}, "
-                   f"{args.dist_backend}, {env.launcher}{requeued}) at {url}", flush=True)
-    dist.init_process_group(args.dist_backend, init_method=url, world_size=env.world_size, rank=env.rank,
-                            timeout=datetime.timedelta(seconds=getattr(args, "dist_timeout", 1800)))
-    barrier()  # every rank is here: a wrong address or port fails at start, within the timeout
+                   f"{args.dist_backend}, {env.launcher}{requeued}) on {socket.gethostname()} at {url}", flush=True)
+    who, where = f"rank {env.rank} on {socket.gethostname()}", url.removeprefix("tcp://")
+    if url.startswith("tcp://") and env.rank > 0:
+        parts = urlsplit(url)
+        if parts.hostname and parts.port:
+            _wait_for_master(parts.hostname, parts.port, timeout_s, who)
+    started = time.monotonic()
+    try:
+        dist.init_process_group(args.dist_backend, init_method=url, world_size=env.world_size, rank=env.rank,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError, ValueError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
+        # torch's connect loop may add a retry back-off to the timeout: say how long it took.
+        raise DistributedSetupError(
+            f"{who}: the rendezvous at {where} failed after {time.monotonic() - started:.0f} s (--dist_timeout "
+            f"{timeout_s} s): {_first_line(e)}") from None
+    try:
+        barrier()  # every rank is here and connected to every other one
+    except RuntimeError as e:
+        dist.destroy_process_group()
+        raise DistributedSetupError(
+            f"{who}: joined the rendezvous at {where} but could not exchange data with every other process within "
+            f"--dist_timeout {timeout_s} s: {_first_line(e)}") from None
     setup_for_distributed(env.rank == 0)
     return device
 
