@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from pvt_detr.cli import OneLineParser, expand_path, number  # noqa: E402
 from training.distributed import (  # noqa: E402
     DistributedSetupError,
     check_dist_url,
@@ -54,15 +55,8 @@ class SubmissionError(RuntimeError):
     """The job could not be submitted (one-line message)."""
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports errors in one line instead of the ~60-line usage of main.py's flags."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _absolute_dir(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = Path(expand_path(text))
     if not path.is_absolute():
         raise argparse.ArgumentTypeError(
             f"{text!r} is not absolute: give a folder every node sees at the same path, e.g. $PWD/{text}"
@@ -74,25 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     """submit.py's own flags on top of every main.py flag."""
     import main as pvt_main  # the repo's main.py
 
-    parser = _OneLineErrorParser("submit.py", parents=[pvt_main.get_args_parser()],
+    parser = OneLineParser("submit.py", parents=[pvt_main.get_args_parser()],
                                  description="Submit pvt-detr training to SLURM (submitit).")
     group = parser.add_argument_group("SLURM")
     group.add_argument("--job_dir", required=True, type=_absolute_dir,
                        help="absolute shared folder: checkpoints, logs (= --output_dir), submitit/ files")
-    group.add_argument("--nodes", default=1, type=int, help="number of nodes")
-    group.add_argument("--ngpus", default=8, type=int, help="GPUs per node, one task each (0 = CPU-only, gloo)")
-    group.add_argument("--ntasks_per_node", default=None, type=int,
+    group.add_argument("--nodes", default=1, type=number(int, 1, 100000), help="number of nodes")
+    group.add_argument("--ngpus", default=8, type=number(int, 0, 1024),
+                       help="GPUs per node, one task each (0 = CPU-only, gloo)")
+    group.add_argument("--ntasks_per_node", default=None, type=number(int, 1, 1024),
                        help="tasks per node; with --ngpus > 0 it must equal --ngpus (default: ngpus, or 1 on CPU)")
-    group.add_argument("--cpus_per_task", default=None, type=int, help="CPUs per task (default: --num_workers + 1)")
-    group.add_argument("--mem_gb", default=None, type=float, help="memory per node in GB (default: the cluster's)")
-    group.add_argument("--timeout", default=4320, type=int, help="time limit in minutes; the job requeues after it")
+    group.add_argument("--cpus_per_task", default=None, type=number(int, 1, 4096),
+                       help="CPUs per task (default: --num_workers + 1)")
+    group.add_argument("--mem_gb", default=None, type=number(float, 0, low_open=True),
+                       help="memory per node in GB (default: the cluster's)")
+    group.add_argument("--timeout", default=4320, type=number(int, 1, 10**7),
+                       help="time limit in minutes; the job requeues after it")
     group.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
     group.add_argument("--account", default=None, help="SLURM account")
     group.add_argument("--qos", default=None, help="SLURM quality of service")
     group.add_argument("--comment", default=None, help="SLURM job comment")
     group.add_argument("--constraint", default=None, help="SLURM node constraint, e.g. volta32gb")
     group.add_argument("--job_name", default="pvt-detr", help="SLURM job name")
-    group.add_argument("--signal_delay_s", default=120, type=int,
+    group.add_argument("--signal_delay_s", default=120, type=number(int, 0, 10**6),
                        help="USR2 this many seconds before the time limit, to checkpoint and requeue")
     return parser
 
@@ -103,14 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = build_parser()
     args = parse_with_config(parser, argv)
-    if args.nodes < 1 or args.ngpus < 0 or args.timeout < 1:
-        parser.error("--nodes and --timeout must be >= 1 and --ngpus >= 0")
     if args.ntasks_per_node is None:
         args.ntasks_per_node = args.ngpus or 1
     if args.ngpus and args.ntasks_per_node != args.ngpus:
         parser.error(f"one task per GPU: --ntasks_per_node {args.ntasks_per_node} != --ngpus {args.ngpus}")
-    if args.ntasks_per_node < 1:
-        parser.error("--ntasks_per_node must be >= 1")
     if args.ngpus == 0:
         if args.device == "cuda":
             parser.error("--device cuda with --ngpus 0: request GPUs or use --device cpu")
@@ -232,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = submit(args)
     except SubmissionError as err:
-        print(f"submit.py: error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 1
     where = f"partition {args.partition}" if args.partition else "the default partition"
     kind = f"{args.ngpus} GPUs" if args.ngpus else "CPU"

@@ -165,11 +165,14 @@ def test_srun_without_ntasks_is_a_one_line_error(cluster, tmp_path):
     (["--job_dir", "/tmp/x", "--ngpus", "2", "--ntasks_per_node", "1"], "one task per GPU"),
     (["--job_dir", "/tmp/x", "--ngpus", "0", "--device", "cuda"], "--device cuda with --ngpus 0"),
     (["--job_dir", "/tmp/x", "--dist_url", "file://exp/init"], "--dist_url file://exp/init is relative"),
+    (["--job_dir", "/tmp/x", "--nodes", "0"], "argument --nodes: must be >= 1, got 0"),
+    (["--job_dir", "/tmp/x", "--mem_gb", "nan"], "argument --mem_gb: must be a finite number, got nan"),
+    (["--job_dir", "/tmp/x", "--lr", "inf"], "argument --lr: must be a finite number, got inf"),
 ])
 def test_submit_argument_errors_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
         submit.main(["--dataset_file", "demo", *flags])
-    assert info.value.code == 2
+    assert info.value.code == 1
     stderr = capsys.readouterr().err
     assert message in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
@@ -194,7 +197,7 @@ def test_submit_refused_by_sbatch_is_one_line(cluster, tmp_path, flags, message,
     argv = ["--job_dir", str(tmp_path / "job"), "--ngpus", "0", "--timeout", "5", "--dataset_file", "demo", *flags]
     assert submit.main(argv) == 1
     stderr = capsys.readouterr().err
-    assert stderr.startswith("submit.py: error: sbatch refused the job:") and message in stderr
+    assert stderr.startswith("error: sbatch refused the job:") and message in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
 
 
