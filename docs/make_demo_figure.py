@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default="docs/demo_predictions.png")
     parser.add_argument("--count", default=6, type=int)
     parser.add_argument("--columns", default=3, type=int)
-    parser.add_argument("--scale", default=2, type=int, help="upscaling of every image before drawing")
+    parser.add_argument("--scale", default=4, type=int, help="enlargement of every image before drawing")
     parser.add_argument("--threshold", default=0.5, type=float)
     args = parser.parse_args(argv)
 

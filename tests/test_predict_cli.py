@@ -121,4 +121,4 @@ def test_readme_figure_script(trained, tmp_path):
     out = figure["main"](["--checkpoint", str(trained[0]), "--images", str(trained[1] / "val2017"), "--out",
                           str(tmp_path / "demo.png"), "--threshold", "0", "--count", "4", "--columns", "2"])
     image = Image.open(out)
-    assert image.size == (2 * 160 + 4, 2 * 160 + 4) and out.stat().st_size < 200_000
+    assert image.size == (2 * 320 + 4, 2 * 320 + 4) and out.stat().st_size < 200_000  # 80 px images, 4x
