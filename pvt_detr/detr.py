@@ -216,7 +216,8 @@ def build_model(config) -> tuple[DETR, nn.Module, dict[str, nn.Module]]:
                               out_indices=tuple(s - 1 for s in cfg.backbone_stages))
     transformer = Transformer(d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
                               num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
-                              dropout=cfg.dropout, normalize_before=cfg.pre_norm)
+                              dropout=cfg.dropout, normalize_before=cfg.pre_norm,
+                              grad_checkpointing=cfg.grad_checkpointing)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=cfg.num_queries, aux_loss=cfg.aux_loss,
                  anchor_queries=cfg.anchor_queries, focal=cfg.focal_loss, anchor_size=cfg.anchor_size,
                  two_stage=cfg.two_stage, position_embedding=cfg.position_embedding)

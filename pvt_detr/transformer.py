@@ -15,11 +15,13 @@ from pvt_detr.attention import MultiheadAttention
 
 
 class TransformerEncoderLayer(nn.Module):
-    """Self-attention (q = k = src + pos, v = src) + FFN."""
+    """Self-attention (q = k = src + pos, v = src) + FFN. grad_checkpointing: the self-attention recomputes its
+    (N, N) maps in backward instead of keeping them (see MultiheadAttention)."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool,
+                 grad_checkpointing: bool = False):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, grad_checkpointing=grad_checkpointing)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -117,12 +119,14 @@ class Transformer(nn.Module):
     """DETR's encoder-decoder. Content queries start at zero; `query_embed` are their learned positions."""
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
-                 dim_feedforward: int = 2048, dropout: float = 0.1, normalize_before: bool = False):
+                 dim_feedforward: int = 2048, dropout: float = 0.1, normalize_before: bool = False,
+                 grad_checkpointing: bool = False):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
         args = (d_model, nhead, dim_feedforward, dropout, normalize_before)
-        self.encoder = TransformerEncoder([TransformerEncoderLayer(*args) for _ in range(num_encoder_layers)],
+        self.encoder = TransformerEncoder([TransformerEncoderLayer(*args, grad_checkpointing=grad_checkpointing)
+                                           for _ in range(num_encoder_layers)],
                                           nn.LayerNorm(d_model) if normalize_before else None)
         self.decoder = TransformerDecoder([TransformerDecoderLayer(*args) for _ in range(num_decoder_layers)],
                                           nn.LayerNorm(d_model))

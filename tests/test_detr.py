@@ -323,3 +323,28 @@ def test_detr_checkpoint_with_learned_positions_loads_them(tmp_path):
     args.position_embedding = "cosine"
     with pytest.raises(ValueError, match="--position_embedding 'cosine' is not one of"):
         build_model(args)
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing the backbone MLPs and the encoder's attention in backward (ModelConfig.grad_checkpointing) changes
+    what is kept, not what is computed: same loss and gradients, dropout and drop path included."""
+    results = []
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        model, criterion, _ = build_model(ModelConfig(
+            backbone="pvt_nano", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=64,
+            num_classes=5, dropout=0.2, drop_path=0.2, grad_checkpointing=enabled))
+        assert model.backbone.blocks[0][0].mlp.grad_checkpointing is enabled
+        assert model.transformer.encoder.layers[0].self_attn.grad_checkpointing is enabled
+        model.train()
+        torch.manual_seed(1)
+        losses = criterion(model([torch.randn(3, 96, 128), torch.randn(3, 64, 96)]),
+                           [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.4, 0.5, 0.2, 0.3],
+                                                                                   [0.6, 0.4, 0.3, 0.2]])}] * 2)
+        loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (loss_on, grads_on), (loss_off, grads_off) = results
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys() and len(grads_on) > 50
+    for key in grads_on:
+        torch.testing.assert_close(grads_on[key], grads_off[key], rtol=1e-5, atol=1e-7, msg=key)
