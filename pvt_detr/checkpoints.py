@@ -174,6 +174,12 @@ def _read_file(path: str | Path, inert_meta: bool) -> tuple[Any, list[str]]:
                      "not loaded, the state dict was"]
 
 
+def read_checkpoint(path: str | Path) -> tuple[Any, list[str]]:
+    """A checkpoint file as `load_detr_checkpoint` reads it (weights_only; an MMDetection `meta` that pickles refused
+    objects gets inert stand-ins): (the loaded object, one-line notes on what was not loaded)."""
+    return _read_file(path, inert_meta=True)
+
+
 def _state_dict_of(obj: Any, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what}: holds a {type(obj).__name__}, expected a state dict of tensors")

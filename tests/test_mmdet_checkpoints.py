@@ -351,3 +351,43 @@ def test_refused_objects_outside_meta_are_still_refused(tmp_path, where):
     with pytest.raises(CheckpointError, match="refused") as err:
         load_detr_checkpoint(small_model(), path)
     assert "\n" not in str(err.value) and RAN == []
+
+
+@pytest.mark.slow
+def test_main_finetunes_from_an_mmdetection_file_with_the_class_head_matched_by_name(tmp_path, capsys):
+    """main.py --finetune on an MMDetection 2.x container whose two classes are named in meta: the report names the
+    format, and the dataset's rows (its own ids) get the checkpoint's rows of the same names."""
+    from tests.test_label_map_training import _write_dataset
+    from training.config import parse_args
+
+    source = small_model(num_classes=2)
+    fc_cls = random_fc_cls(3)  # cat, dog, background
+    path = tmp_path / "mmdet.pth"
+    torch.save(container(to_mmdet(source, "2.13", fc_cls), classes=("cat", "dog")), path)
+    _write_dataset(tmp_path / "data", [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}])
+    args = parse_args(main.build_cli_parser(), [*SMALL, "--dataset_file", "coco", "--coco_path", str(tmp_path / "data"),
+                                                "--finetune", str(path), "--eval", "--device", "cpu",
+                                                "--num_workers", "0", "--no_progress", "--test_size", "64",
+                                                "--max_size", "96"])
+    from training import run as run_module
+
+    built = {}
+    original = run_module.build_parts
+
+    def keep_parts(*a, **k):
+        built["parts"] = original(*a, **k)
+        return built["parts"]
+
+    run_module.build_parts = keep_parts
+    try:
+        main.main(args)
+    finally:
+        run_module.build_parts = original
+    out = capsys.readouterr().out
+    assert "MMDetection 2.x DETR, mmdet 2.13 key names" in out
+    head = built["parts"].module.class_embed
+    weight, bias = fc_cls
+    torch.testing.assert_close(head.weight[7], weight[0])  # cat: mmdet row 0 -> category id 7
+    torch.testing.assert_close(head.weight[3], weight[1])  # dog: mmdet row 1 -> category id 3
+    torch.testing.assert_close(head.bias[-1], bias[2])  # background -> no-object
+    assert float(head.bias[0].detach()) == -1e4 and float(head.bias[5].detach()) == -1e4  # ids that are no category

@@ -28,7 +28,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from datasets import DatasetError, build_dataset, collate_fn, get_coco_api_from_dataset
 from pvt_detr import build_model, load_detr_checkpoint, load_pvt_checkpoint
-from pvt_detr.checkpoints import CheckpointError, checkpoint_label_map, fit_class_heads, load_state_file
+from pvt_detr.checkpoints import CheckpointError, checkpoint_label_map, fit_class_heads, read_checkpoint
 from pvt_detr.config import MAX_NUM_CLASSES, ModelConfig
 from pvt_detr.label_map import LabelMap
 from training import distributed as dist_utils
@@ -343,7 +343,9 @@ def _finetune_from(path: str, model: nn.Module, args, label_map: LabelMap) -> No
     """Loads --finetune's weights: a pvt-detr checkpoint must have this run's architecture (any class count); its
     class head is kept, moved by category name or left out, by how its label map compares with the dataset's
     (facebookresearch/detr's 91-class heads are COCO's; MMDetection's are matched by class name)."""
-    state = load_state_file(path)
+    state, notes = read_checkpoint(path)
+    for note in notes:
+        print(note)
     _check_architecture(state, args, path, "fine-tune from it with the same architecture flags",
                         ignore=("num_classes",))
     source = checkpoint_label_map(state)
