@@ -5,7 +5,9 @@
 `ru_maxrss` is the peak RSS of that measurement alone and no measurement warms caches for another.
 
 Kinds of measurement (`spec["kind"]`):
-  infer   one design's forward, batch 1, eval mode, no_grad, at one size (spec "design", "size")
+  infer   one design's forward, batch 1, eval mode, no_grad, at one size (spec "design", "size"); design "linears"
+          replays ours' matrix products alone (`F.linear` on the shapes of its forward): what a compiler calling
+          the same BLAS can reach at most
   train   one training step, batch 2 padded together: forward + loss (aux losses) + backward + gradient clipping
           + AdamW as `training/optim.py` builds it (spec "design", "sizes")
   matmul  `torch.mm` of two 2048 x 2048 float32 matrices: the machine's reference rate
@@ -23,14 +25,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.official_design import build_official
 from pvt_detr import ModelConfig, build_model
 from pvt_detr.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
-INFER_DESIGNS = ("eager", "compiled", "onnx", "official", "hf")
+INFER_DESIGNS = ("eager", "compiled", "onnx", "official", "hf", "linears")
 TRAIN_DESIGNS = ("ours", "ours_no_checkpointing", "official")
 HF_NUM_LABELS = 91  # COCO's max category id + 1, as `pvt_detr.detr.COCO_NUM_CLASSES`
 MATMUL_N = 2048
@@ -118,6 +122,34 @@ def onnx_session(path: str, threads: int, spin: bool):
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def linear_calls(model: torch.nn.Module, samples: NestedTensor) -> list[tuple[int, int, int, bool]]:
+    """(M, K, N, bias) of every matrix product (`aten::addmm` / `aten::mm`: ours' linear maps) in one no_grad
+    forward, in order, read from `torch.profiler` with shapes recorded."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(samples)
+    calls = []
+    for event in prof.events():
+        shapes = event.input_shapes
+        if event.name == "aten::addmm":  # bias (N,), x (M, K), weight^T (K, N)
+            calls.append((shapes[1][0], shapes[1][1], shapes[2][1], True))
+        elif event.name == "aten::mm":  # x (M, K), weight^T (K, N)
+            calls.append((shapes[0][0], shapes[0][1], shapes[1][1], False))
+    return calls
+
+
+def linear_replay(calls: list[tuple[int, int, int, bool]]) -> tuple[Callable[[], None], int]:
+    """(a function running `F.linear` on random tensors of every call's shapes in order, its FLOPs)."""
+    g = torch.Generator().manual_seed(0)
+    args = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g),  # x (M, K), weight (N, K)
+             torch.randn(n, generator=g) if bias else None) for m, k, n, bias in calls]
+
+    def replay() -> None:
+        for x, w, b in args:
+            F.linear(x, w, b)
+
+    return replay, sum(2 * m * k * n for m, k, n, _ in calls)
+
+
 def inference_forward(spec: dict, samples: NestedTensor, result: dict) -> tuple[Callable[[], object], Callable,
                                                                                   torch.nn.Module]:
     """(forward to time, forward of the eager PyTorch model whose FLOPs it computes, that model) for
@@ -146,6 +178,11 @@ def inference_forward(spec: dict, samples: NestedTensor, result: dict) -> tuple[
             compiled(samples)
         result["compile_s"] = time.perf_counter() - t0
         return lambda: compiled(samples), eager, model
+    if design == "linears":
+        calls = linear_calls(model, samples)
+        replay, result["flops"] = linear_replay(calls)
+        result["calls"] = len(calls)
+        return replay, replay, model
     if design == "onnx":
         session = onnx_session(spec["onnx_path"], spec["threads"], spec.get("spin", False))
         feed = {"images": samples.tensors.numpy(), "mask": samples.mask.numpy()}
