@@ -101,7 +101,7 @@ def test_show_reprints_a_saved_run_and_names_a_bad_file(tmp_path, capsys):
     assert re.search(r"ours compiled\s+0\.275 \[0\.250-0\.300\]\s+2\.40x\s+30\.0\s+109\.1\s+63 %", out)
     assert "100.0 s with an empty compile cache (round 1), 20.0 [20.0-20.0] s with the cache" in out
     assert re.search(r"ours \(grad checkpointing on\)\s+11\.00 \[10\.00-12\.00\]\s+2\.00x\s+3\.00 \[3\.00-3\.00\]"
-                     r"\s+1\.00\s+0\.30", out)
+                     r"\s+1\.00\s+0\.30 \(0\.22\)", out)
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"runs": [')
