@@ -131,7 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for cls in CONFIGS:
         group = parser.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):
-            help_text = f.metadata["help"]
+            help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
             if isinstance(f.default, bool):
                 on, off = SWITCH_FLAGS.get(f.name, (f"--{f.name}", f"--no_{f.name}"))
                 switch = group.add_mutually_exclusive_group()
