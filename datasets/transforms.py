@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from datasets.coco import sanitize_boxes
-from pvt_detr.preprocess import build_eval_transform, to_normalized_tensor
+from pvt_detr.preprocess import ShortSideResize, build_eval_transform, to_normalized_tensor
 
 DETR_MAX_SCALE = 800  # DETR's largest training short side; its crop-branch sizes below are relative to it
 DETR_PRE_CROP_SIZES = (400, 500, 600)
@@ -67,16 +67,16 @@ def detr_crop_sizes(train_sizes: Sequence[int]) -> tuple[list[int], tuple[int, i
 
 def train_transform(aug: str, train_sizes: Sequence[int], max_size: int, flip_prob: float = 0.5) -> v2.Compose:
     """The training pipeline on `(PIL image, target)`; see the module docstring for `aug` ("pvt" | "detr")."""
-    multi_scale = v2.RandomShortestSize(list(train_sizes), max_size=max_size)
+    multi_scale = ShortSideResize(train_sizes, max_size)
     if aug == "pvt":
         geometric = [multi_scale]
     elif aug == "detr":
         pre_crop, (crop_min, crop_max) = detr_crop_sizes(train_sizes)
         crop_branch = v2.Compose([
-            v2.RandomShortestSize(pre_crop),
+            ShortSideResize(pre_crop),
             RandomSizeCrop(crop_min, crop_max),
             sanitize_boxes(),  # boxes cropped away entirely
-            v2.RandomShortestSize(list(train_sizes), max_size=max_size),
+            ShortSideResize(train_sizes, max_size),
         ])
         geometric = [v2.RandomChoice([multi_scale, crop_branch])]
     else:

@@ -67,6 +67,23 @@ def test_resized_size_matches_the_eval_transform(h, w, short, max_size):
     assert resized_size(h, w, short, max_size) == tuple(out.shape[-2:])
 
 
+@pytest.mark.parametrize("size, expected", [((20, 3000), (1, 96)), ((3000, 20), (96, 1)), ((1, 100000), (1, 96)),
+                                            ((1, 1), (64, 64))])
+@pytest.mark.parametrize("aug", ["eval", "pvt", "detr"])
+def test_any_aspect_ratio_resizes_to_at_least_one_pixel_with_its_box(size, expected, aug):
+    h, w = size
+    box = [[0.0, 0.0, float(w), float(h)]]  # the whole image
+    transform = build_eval_transform(64, 96) if aug == "eval" else train_transform(aug, [64], 96)
+    torch.manual_seed(0)
+    image, target = transform(torch.zeros(3, h, w, dtype=torch.uint8), _target(w, h, box, [1]))
+    new_h, new_w = image.shape[-2:]
+    assert min(new_h, new_w) >= 1 and max(new_h, new_w) <= 96
+    if aug != "detr":  # no crop: DETR's resize rule exactly, the box still the whole image
+        assert (new_h, new_w) == resized_size(h, w, 64, 96) == expected
+        torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor),
+                                   torch.tensor([[0.0, 0.0, float(new_w), float(new_h)]]))
+
+
 @pytest.mark.parametrize("flip_prob, expected_cxcywh", [(1.0, [0.8, 0.3, 0.2, 0.4]), (0.0, [0.2, 0.3, 0.2, 0.4])])
 def test_train_flip_and_resize_exact_boxes(flip_prob, expected_cxcywh):
     # 100 x 50 image, box x 10..30, y 5..25; short side 50 -> 100 doubles everything.
