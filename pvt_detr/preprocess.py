@@ -56,7 +56,8 @@ class ShortSideResize(v2.Transform):
         images = [i for i in flat_inputs if isinstance(i, (PIL.Image.Image, tv_tensors.Image))
                   or (isinstance(i, torch.Tensor) and not isinstance(i, tv_tensors.TVTensor))]
         h, w = v2.functional.get_size(images[0] if images else flat_inputs[0])
-        short = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        # one size draws nothing, so evaluation leaves the random stream of training untouched
+        short = self.sizes[int(torch.randint(len(self.sizes), ()))] if len(self.sizes) > 1 else self.sizes[0]
         return {"size": list(resized_size(h, w, short, self.max_size))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

@@ -84,6 +84,17 @@ def test_any_aspect_ratio_resizes_to_at_least_one_pixel_with_its_box(size, expec
                                    torch.tensor([[0.0, 0.0, float(new_w), float(new_h)]]))
 
 
+def test_evaluation_transform_draws_no_random_numbers():
+    # Evaluation between epochs must not shift training's random stream (resume equals the uninterrupted run).
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    image = torch.zeros(3, 30, 50, dtype=torch.uint8)
+    image, _ = build_eval_transform(64, 96)(image, _target(50, 30, [[0, 0, 5, 5]], [1]))
+    assert image.shape == (3, 57, 96)  # short side 64 would make the long side 106 > 96
+    torch.testing.assert_close(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("flip_prob, expected_cxcywh", [(1.0, [0.8, 0.3, 0.2, 0.4]), (0.0, [0.2, 0.3, 0.2, 0.4])])
 def test_train_flip_and_resize_exact_boxes(flip_prob, expected_cxcywh):
     # 100 x 50 image, box x 10..30, y 5..25; short side 50 -> 100 doubles everything.
