@@ -68,7 +68,7 @@ class ModelConfig:
         (0, 0, 0, 0), "3 x 3 neighbourhood-attention layers after the patch embedding of each of the 4 stages "
         "(0,0,0,0 = PVT v1; not in the paper, used by the demo)", low=0, high=16, length=4, arch=True)
     grad_checkpointing: bool = setting(
-        True, "recompute the backbone MLPs' hidden activations and the encoder's attention maps in backward instead "
+        True, "recompute the backbone blocks' activations and the encoder's attention maps in backward instead "
         "of keeping them (less memory, a few % more compute)")
 
     # Transformer (facebookresearch/detr's defaults).

@@ -332,7 +332,7 @@ def test_detr_checkpoint_with_learned_positions_loads_them(tmp_path):
 
 
 def test_grad_checkpointing_gives_the_same_loss_and_gradients():
-    """Recomputing the backbone MLPs and the encoder's attention in backward (ModelConfig.grad_checkpointing) changes
+    """Recomputing the backbone blocks and the encoder's attention in backward (ModelConfig.grad_checkpointing) changes
     what is kept, not what is computed: same loss and gradients, dropout and drop path included."""
     results = []
     for enabled in (True, False):
@@ -340,7 +340,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
         model, criterion, _ = build_model(ModelConfig(
             backbone="pvt_nano", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=64,
             num_classes=5, dropout=0.2, drop_path=0.2, grad_checkpointing=enabled))
-        assert model.backbone.blocks[0][0].mlp.grad_checkpointing is enabled
+        assert model.backbone.blocks[0][0].grad_checkpointing is enabled
         assert model.transformer.encoder.layers[0].self_attn.grad_checkpointing is enabled
         model.train()
         torch.manual_seed(1)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from pvt_detr.backbone.local_attention import LocalMixing
@@ -60,7 +61,12 @@ def _valid_grid(valid_hw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + drop_path(SRA(norm1(x))), then x + drop_path(MLP(norm2(x)))."""
+    """Pre-norm transformer block: x + drop_path(SRA(norm1(x))), then x + drop_path(MLP(norm2(x))).
+
+    grad_checkpointing: in training, keep only the block's input for backward and recompute the block there
+    (`torch.utils.checkpoint`, same dropout and drop-path draws), instead of keeping every activation inside it;
+    the same values either way.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
@@ -71,12 +77,18 @@ class Block(nn.Module):
                                               proj_drop=drop)
         self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, grad_checkpointing=grad_checkpointing)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.grad_checkpointing = grad_checkpointing
+
+    def _block(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw, kv_mask))  # (B, N, C)
+        return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, N, C)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], kv_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, C) tokens of an H x W grid; kv_mask: (B, N_kv) bool, True = key may be attended -> (B, N, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), hw, kv_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._block, x, hw, kv_mask, use_reentrant=False)
+        return self._block(x, hw, kv_mask)
 
 
 class PyramidVisionTransformer(nn.Module):
@@ -152,10 +164,10 @@ class PyramidVisionTransformer(nn.Module):
                 for i in self.out_indices]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch: the block MLPs recompute their hidden activations in backward (see `Mlp`)."""
+        """timm's switch: the blocks recompute their activations in backward (see `Block`)."""
         for stage in self.blocks:
             for blk in stage:
-                blk.mlp.grad_checkpointing = enable
+                blk.grad_checkpointing = enable
 
     def _init_weights(self) -> None:
         for p in self.pos_embed:
