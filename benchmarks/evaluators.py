@@ -8,10 +8,8 @@ does in evaluation: load the results, per-image matching, accumulation and the t
 indexing the ground truth in its own COCO object). Prints both median times, their ratio, and whether the 12 stats
 agree (exit status 1 if they do not).
 
-Measured with `python -m benchmarks.evaluators --boxes 20000` (2740 images, 20000 boxes, 28004 detections; 3 runs
-each) on a 2-vCPU AMD EPYC shared with other jobs (load average 2.2-2.8), pycocotools 2.0.11 vs faster-coco-eval
-1.8.0, Python 3.11: two invocations gave 12.8 s vs 2.5 s (5.1x) and 19.8 s vs 2.2 s (8.9x); the 12 stats were
-identical (max difference 0) both times.
+With `--boxes 20000` (2740 images, 20000 boxes, 28004 detections; 3 runs each) on a 2-core AMD EPYC, pycocotools
+2.0.11 takes 12.8-19.8 s and faster-coco-eval 1.8.0 2.2-2.5 s (5-9x faster), with identical stats (max difference 0).
 """
 
 from __future__ import annotations
